@@ -1,0 +1,38 @@
+# dpbench: set-up, tests and the main job. Every target installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# OpenMP threads that spin while waiting make torch 5-10x slower when another process is busy.
+export OMP_WAIT_POLICY ?= PASSIVE
+# The offline dataset copies beside this checkout, when present (users with internet need none).
+ifneq ($(wildcard ../shared/data/mnist),)
+export DPBENCH_DATA ?= $(abspath ../shared/data)
+endif
+
+.PHONY: install test test-all run bench clean
+
+install: $(STAMP)
+
+# torch and torchvision are pinned in the same pip command (pyproject.toml pins them too).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# Also the slow tests that train on the real offline datasets.
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+run: install
+	$(VENV)/bin/dpbench run --mech dpsgd --eps 3 --dataset mnist
+
+bench: install
+	$(PY) benchmarks/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

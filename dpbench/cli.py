@@ -1,0 +1,209 @@
+"""The ``dpbench`` command line: parses flags, builds a RunConfig and calls the library."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpbench.errors import BadInput
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Benchmark DP-SGD and its variants at matched, correctly accounted privacy.")
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(exc: BadInput) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def _command_line() -> str:
+    return "dpbench " + shlex.join(sys.argv[1:])
+
+
+@app.command()
+def run(
+    mech: str = typer.Option(..., "--mech", help="mechanism name (see 'dpbench ls mechanisms')"),
+    dataset: Optional[str] = typer.Option(None, help="dataset name [default: mnist]"),
+    model: Optional[str] = typer.Option(None, help="model name [default: from the recipe]"),
+    eps: Optional[float] = typer.Option(None, help="target epsilon; 'inf' = non-private"),
+    delta: Optional[float] = typer.Option(None, help="target delta [default: 1e-5]"),
+    epochs: Optional[float] = typer.Option(None, help="nominal epochs: T = floor(E*N/B) Poisson steps"),
+    steps: Optional[int] = typer.Option(None, help="number of steps T (overrides --epochs)"),
+    batch_size: Optional[int] = typer.Option(None, help="expected (logical) batch size B; q = B/N"),
+    physical_batch_size: Optional[int] = typer.Option(None, help="chunk size for memory; changes no result"),
+    lr: Optional[float] = typer.Option(None, help="learning rate"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adam"),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
+    clip: Optional[float] = typer.Option(None, help="clipping bound C"),
+    seed: Optional[int] = typer.Option(None, help="seed of every generator [default: 0]"),
+    secure: bool = typer.Option(False, "--secure", help="noise and sampling seeded from OS entropy"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cpu]"),
+    data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
+    out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV [default: results/runs.csv]"),
+    sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
+    config: Optional[str] = typer.Option(None, help="TOML file with the same options"),
+    force: bool = typer.Option(False, "--force", help="allow delta >= 1/N"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Train one model under (eps, delta)-DP and append one row to the results CSV."""
+    from dpbench.config import parse_sets, resolve
+    from dpbench.engine import run as run_engine
+
+    options: dict[str, Any] = dict(
+        mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
+        batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, optimizer=optimizer,
+        momentum=momentum, clip=clip, seed=seed, secure=secure or None, device=device, data_dir=data_dir,
+        out=out_csv, force=force or None)
+    try:
+        options["mech_params"] = parse_sets(sets)
+        cfg = resolve(options, config)
+        row = run_engine(cfg, command=_command_line(), show_progress=not quiet)
+    except BadInput as exc:
+        raise fail(exc)
+    _print_summary(row, cfg.out)
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else format(v, spec)
+    return str(v)
+
+
+def _print_summary(row: dict[str, Any], path: str) -> None:
+    t = Table(title=f"{row['mech']} on {row['dataset']} ({row['model']})", show_header=False)
+    t.add_row("test accuracy", f"{100 * row['test_acc']:.2f} %")
+    t.add_row("eps spent / target", f"{_fmt(row['eps_spent'])} / {_fmt(row['eps_target'])}  (delta {row['delta']:g}, {row['accountant']})")
+    t.add_row("eps PRV / classic", f"{_fmt(row['eps_prv'])} / {_fmt(row['eps_classic'])}")
+    t.add_row("noise multiplier", _fmt(row["noise_multiplier"]))
+    t.add_row("steps (epochs)", f"{row['steps']} ({row['epochs']:.4g}), q = {row['sample_rate']:.4g}")
+    t.add_row("time", f"{row['wall_s']:.1f} s, {row['samples_per_s']:.0f} samples/s, peak {row['peak_mem_mb']:.0f} MB")
+    t.add_row("row appended to", path)
+    t.add_row("command", row["command"])
+    out.print(t)
+
+
+@app.command()
+def account(
+    mech: str = typer.Option(..., "--mech"),
+    dataset: Optional[str] = typer.Option(None, help="dataset whose size N and recipe to use [default: mnist]"),
+    n: Optional[int] = typer.Option(None, "--n", help="dataset size N (instead of --dataset)"),
+    batch_size: Optional[int] = typer.Option(None, help="expected batch size B [default: recipe]"),
+    clip: Optional[float] = typer.Option(None, help="clipping bound (does not change eps)"),
+    epochs: Optional[float] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None),
+    eps: Optional[float] = typer.Option(None, help="target eps: print the calibrated noise"),
+    sigma: Optional[float] = typer.Option(None, help="noise multiplier: print the eps spent"),
+    delta: float = typer.Option(1e-5),
+    sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object only"),
+) -> None:
+    """Print the calibrated noise for a target eps, or the eps of a given noise. Trains nothing."""
+    from dpbench.config import parse_sets
+    from dpbench.data import DATASETS
+    from dpbench.mechanisms import get_mechanism
+    from dpbench.privacy import account as account_eps, calibrate
+    from dpbench.recipes import recipe_for
+
+    try:
+        if (eps is None) == (sigma is None):
+            raise BadInput("give exactly one of --eps and --sigma")
+        if not 0 < delta < 1:
+            raise BadInput(f"--delta {delta}: must be in (0, 1)")
+        mechanism = get_mechanism(mech)(**parse_sets(sets))
+        ds = dataset or "mnist"
+        size = n if n is not None else DATASETS.entry(ds).meta["train_size"]
+        if size <= 0:
+            raise BadInput(f"--n {size}: must be positive")
+        recipe = recipe_for(ds, mech) if n is None or dataset else None
+        b = batch_size or (recipe.batch_size if recipe else None)
+        if b is None or not 0 < b <= size:
+            raise BadInput(f"--batch-size {b}: must be in [1, N = {size}]")
+        if steps is None:
+            e = epochs if epochs is not None else (recipe.epochs if recipe else None)
+            if e is None or not e > 0:
+                raise BadInput(f"--epochs {e}: must be positive (or give --steps)")
+            t = int(math.floor(e * size / b))
+        else:
+            t = steps
+        if t <= 0:
+            raise BadInput(f"--steps {t}: must be positive")
+        q = b / size
+        if sigma is not None:
+            if not sigma > 0:
+                raise BadInput(f"--sigma {sigma}: must be positive")
+            noise = sigma
+        else:
+            if math.isnan(eps) or eps <= 0:
+                raise BadInput(f"--eps {eps}: must be positive")
+            noise = calibrate(mechanism, eps, q, t, delta)
+        report = account_eps(mechanism, noise, q, t, delta)
+    except BadInput as exc:
+        raise fail(exc)
+    payload = report.as_json()
+    payload.update({"n": size, "batch_size": b, "eps_target": "inf" if eps is not None and math.isinf(eps) else eps})
+    if as_json:
+        typer.echo(json.dumps(payload))
+        return
+    t_ = Table(title=f"{mech}: N={size}, B={b}, q={q:.4g}, T={report.steps}, delta={delta:g}", show_header=False)
+    t_.add_row("noise multiplier", _fmt(report.noise_multiplier))
+    t_.add_row(f"eps ({report.accountant}, Opacus conversion)", f"{_fmt(report.eps)} at alpha {report.alpha:g}")
+    t_.add_row("eps (classic conversion)", _fmt(report.eps_classic))
+    t_.add_row("eps (sampled-Gaussian RDP)", _fmt(report.eps_rdp))
+    t_.add_row("eps (PRV)", _fmt(report.eps_prv))
+    out.print(t_)
+
+
+@app.command("ls")
+def list_entries(what: str = typer.Argument("mechanisms", help="mechanisms, datasets or models"),
+                 pattern: str = typer.Option("*", help="shell-style filter, e.g. '*cnn*'")) -> None:
+    """List registered mechanisms, datasets or models."""
+    from dpbench.data import DATASETS
+    from dpbench.mechanisms import MECHANISMS
+    from dpbench.models import MODELS
+
+    tables = {"mechanisms": MECHANISMS, "datasets": DATASETS, "models": MODELS}
+    try:
+        if what not in tables:
+            from dpbench.registry import did_you_mean
+
+            raise BadInput(f"unknown list {what!r}{did_you_mean(what, list(tables))}; choose mechanisms, datasets or models")
+        registry = tables[what]
+        t = Table(title=what)
+        t.add_column("name", style="bold")
+        if what == "mechanisms":
+            for col in ("accountant", "parameters", "description"):
+                t.add_column(col)
+            for name in registry.names(pattern):
+                cls = registry.get(name)
+                desc = cls.summary + (f" [yellow]({cls.caveat})[/]" if cls.caveat else "")
+                t.add_row(name, cls.accountant, cls.describe_params() or "-", desc)
+        else:
+            extra = "train size" if what == "datasets" else "datasets"
+            t.add_column(extra)
+            t.add_column("description")
+            for name in registry.names(pattern):
+                meta = registry.entry(name).meta
+                value = meta.get("train_size") if what == "datasets" else ", ".join(meta.get("datasets", ()))
+                t.add_row(name, str(value), meta.get("summary", ""))
+    except BadInput as exc:
+        raise fail(exc)
+    out.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

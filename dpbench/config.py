@@ -1,0 +1,173 @@
+"""RunConfig: the fully resolved, typed description of one run, and its hash.
+
+Resolution order: recipe (dataset x mechanism) <- ``--config FILE.toml`` <- command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpbench.errors import BadInput
+from dpbench.recipes import recipe_for
+
+#: Fields that do not change the result distribution and so stay out of the config hash.
+NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mech: str
+    dataset: str
+    model: str
+    eps: float
+    delta: float
+    batch_size: int
+    epochs: float | None
+    steps: int | None
+    lr: float
+    optimizer: str
+    momentum: float
+    clip: float
+    seed: int = 0
+    physical_batch_size: int | None = None
+    secure: bool = False
+    device: str = "cpu"
+    data_dir: str | None = None
+    out: str = "results/runs.csv"
+    force: bool = False
+    mech_params: dict[str, Any] = field(default_factory=dict)
+
+    def num_steps(self, n: int) -> int:
+        """T = floor(E * N / B) unless --steps was given (design.md: one definition everywhere)."""
+        if self.steps is not None:
+            return self.steps
+        return int(math.floor(self.epochs * n / self.batch_size))
+
+    def nominal_epochs(self, n: int) -> float:
+        return self.epochs if self.steps is None else self.steps * self.batch_size / n
+
+    def sample_rate(self, n: int) -> float:
+        return self.batch_size / n
+
+    def hash(self, dataset_variant: str) -> str:
+        """Hash of everything that defines the experiment; excludes seed, device, paths, versions."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_HASHED}
+        d["dataset_variant"] = dataset_variant
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` value: int, then float (``inf`` allowed), then true/false, else the string."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip() or not key.isidentifier():
+            raise BadInput(f"--set {item!r}: expected key=value, e.g. --set q_cap=0.05")
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A TOML file with the same keys as the flags (no dashes) and a ``[set]`` table."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise BadInput(f"--config {path!r}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"--config {path!r}: not valid TOML ({exc})") from None
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    if "set" in data:
+        data["mech_params"] = dict(data.pop("set"))
+    return data
+
+
+def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfig:
+    """Merge recipe, config file and flags (``None`` = not given) into a RunConfig."""
+    given = read_config_file(config_file) if config_file else {}
+    given.update({k: v for k, v in options.items() if v is not None and k != "mech_params"})
+    params = dict(given.get("mech_params") or {})
+    params.update(options.get("mech_params") or {})
+    for required in ("mech", "dataset"):
+        if required not in given:
+            raise BadInput(f"missing --{required}")
+    eps = float(given.get("eps", "nan"))
+    mech = given["mech"]
+    if math.isinf(eps) and eps > 0 and mech != "nonprivate":
+        mech = "nonprivate"  # --eps inf is the non-private control
+    if mech == "nonprivate":
+        eps = float("inf")
+    recipe = recipe_for(given["dataset"], mech).as_dict()
+    recipe.pop("source")
+    merged = {**recipe, **given, "mech": mech, "eps": eps, "mech_params": params}
+    if "steps" in given and "epochs" not in given:
+        merged["epochs"] = None
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise BadInput(f"unknown option(s) in --config: {', '.join(unknown)}")
+    merged.setdefault("delta", 1e-5)
+    merged.setdefault("steps", None)
+    return RunConfig(**merged)
+
+
+def validate(cfg: RunConfig, n: int) -> None:
+    """Reject bad values before anything is trained or written (exit 2, value named)."""
+    if cfg.mech != "nonprivate" and (math.isnan(cfg.eps) or cfg.eps <= 0):
+        raise BadInput(f"--eps {cfg.eps}: must be a positive number (or inf)")
+    if not (0.0 < cfg.delta < 1.0) or math.isnan(cfg.delta):
+        raise BadInput(f"--delta {cfg.delta}: must be in (0, 1)")
+    if cfg.delta >= 1.0 / n and not cfg.force:
+        raise BadInput(f"--delta {cfg.delta}: must be below 1/N = {1.0 / n:.3g} for N = {n} (use --force to override)")
+    if not (isinstance(cfg.batch_size, int) and 0 < cfg.batch_size <= n):
+        raise BadInput(f"--batch-size {cfg.batch_size}: must be in [1, N = {n}]")
+    if cfg.physical_batch_size is not None and cfg.physical_batch_size <= 0:
+        raise BadInput(f"--physical-batch-size {cfg.physical_batch_size}: must be positive")
+    if cfg.steps is not None and cfg.steps <= 0:
+        raise BadInput(f"--steps {cfg.steps}: must be positive")
+    if cfg.steps is None and (cfg.epochs is None or not cfg.epochs > 0):
+        raise BadInput(f"--epochs {cfg.epochs}: must be positive")
+    if cfg.num_steps(n) < 1:
+        raise BadInput(f"--epochs {cfg.epochs}: gives no step with batch {cfg.batch_size} and N = {n}")
+    if not cfg.lr > 0:
+        raise BadInput(f"--lr {cfg.lr}: must be positive")
+    if not cfg.clip > 0:
+        raise BadInput(f"--clip {cfg.clip}: must be positive")
+    if not 0 <= cfg.momentum < 1:
+        raise BadInput(f"--momentum {cfg.momentum}: must be in [0, 1)")
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise BadInput(f"--optimizer {cfg.optimizer!r}: must be sgd or adam")
+
+
+def check_writable(out: str) -> None:
+    """Fail early (before training) when the results CSV cannot be written."""
+    path = Path(out)
+    if path.exists() and path.is_dir():
+        raise BadInput(f"--out {out}: is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe_dir = parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise BadInput(f"--out {out}: not writable")

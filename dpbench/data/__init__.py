@@ -1,0 +1,20 @@
+"""Dataset loaders, registered by name. Each returns a :class:`DatasetBundle` of in-memory tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpbench.data.base import DatasetBundle
+from dpbench.registry import Registry
+
+DATASETS: Registry[Any] = Registry("dataset")
+
+from dpbench.data import mnist, synthetic  # noqa: E402,F401  (registers the built-ins)
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> DatasetBundle:
+    """Load dataset ``name``; ``data_dir`` (or $DPBENCH_DATA) points at an offline copy."""
+    return DATASETS.get(name)(data_dir)
+
+
+__all__ = ["DATASETS", "DatasetBundle", "load_dataset"]

@@ -1,0 +1,86 @@
+"""MNIST and Fashion-MNIST through torchvision's dataset classes.
+
+Online users get torchvision's download. Offline, a folder laid out like the shared data copy
+(``<root>/mnist/*-ubyte.gz``, ``<root>/fmnist/*-ubyte.gz``) is decompressed once into the cache,
+in the raw layout torchvision's classes read, keyed by a hash of the source files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.transforms import v2 as T
+
+from dpbench.data import DATASETS
+from dpbench.data.base import DatasetBundle, cache_dir, offline_roots
+from dpbench.errors import BadInput
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _prepare_offline(cls: type, sources: list[Path]) -> Path:
+    """Decompress the IDX files into ``<cache>/<key>/<Class>/raw/`` and return the root for ``cls``."""
+    root = cache_dir() / "idx" / _hash_files(sources)
+    raw = root / cls.__name__ / "raw"
+    if not all((raw / name).exists() for name in IDX_FILES):
+        raw.mkdir(parents=True, exist_ok=True)
+        for src, name in zip(sources, IDX_FILES):
+            tmp = raw / (name + ".tmp")
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            tmp.replace(raw / name)
+    return root
+
+
+def _load(name: str, cls: type, subdir: str, mean: float, std: float, data_dir: str | None) -> DatasetBundle:
+    tried: list[str] = []
+    root: Path | None = None
+    for base in offline_roots(data_dir):
+        sources = [base / subdir / f"{n}.gz" for n in IDX_FILES]
+        tried.append(str(base / subdir))
+        if all(s.exists() for s in sources):
+            root = _prepare_offline(cls, sources)
+            break
+    if root is None:
+        root = cache_dir() / "torchvision"
+        tried.append(f"torchvision download into {root}")
+        try:
+            cls(root=root, train=True, download=True)
+            cls(root=root, train=False, download=True)
+        except Exception as exc:  # no network: say where we looked and how to fix it
+            raise BadInput(
+                f"dataset {name!r} not found; tried {'; '.join(tried)} ({type(exc).__name__}). "
+                f"Pass --data-dir (or set DPBENCH_DATA) to a folder holding {subdir}/{IDX_FILES[0]}.gz etc."
+            ) from None
+    normalise = T.Normalize((mean,), (std,))
+
+    def tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = cls(root=root, train=train, download=False)
+        x = normalise(ds.data.unsqueeze(1).float() / 255.0)
+        return x.contiguous(), ds.targets.long()
+
+    train_x, train_y = tensors(True)
+    test_x, test_y = tensors(False)
+    return DatasetBundle(name, name, train_x, train_y, test_x, test_y, num_classes=10)
+
+
+@DATASETS.register("mnist", train_size=60000, summary="MNIST digits, 28x28 grey, 60k/10k (LeCun et al.)")
+def load_mnist(data_dir: str | None = None) -> DatasetBundle:
+    return _load("mnist", torchvision.datasets.MNIST, "mnist", 0.1307, 0.3081, data_dir)
+
+
+@DATASETS.register("fmnist", train_size=60000, summary="Fashion-MNIST, 28x28 grey, 60k/10k (Xiao et al. 2017)")
+def load_fmnist(data_dir: str | None = None) -> DatasetBundle:
+    return _load("fmnist", torchvision.datasets.FashionMNIST, "fmnist", 0.2860, 0.3530, data_dir)

@@ -1,0 +1,231 @@
+"""The one training loop every mechanism shares.
+
+Per logical step: the mechanism's sampler draws a batch (Poisson at rate q = B/N by default), the
+batch is split into physical chunks for memory, Opacus computes per-sample gradients, and the
+mechanism's optimizer transforms, accumulates, adds noise and updates. Everything a mechanism does
+differently happens inside its own hooks (``dpbench.mechanisms.base``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import resource
+import secrets
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+from dpbench.config import RunConfig, check_writable, validate
+from dpbench.data import DatasetBundle, load_dataset
+from dpbench.environment import LoadMeter, environment
+from dpbench.errors import BadInput
+from dpbench.mechanisms import get_mechanism
+from dpbench.mechanisms.base import Mechanism
+from dpbench.models import MODELS, build_model, count_parameters
+from dpbench.privacy import account, calibrate
+from dpbench.results import append_row, check_compatible, run_record_path, write_json_atomic
+
+DEFAULT_PHYSICAL_BATCH = 1024
+EVAL_BATCH = 4096
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; asking for CUDA where there is none is a BadInput."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise BadInput(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {name}: CUDA is not available on this machine")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise BadInput(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """Independent, reproducible seeds for model init, sampling, noise, ... from one --seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{purpose}".encode()).digest()[:8], "little") >> 1
+
+
+def make_generator(seed: int, purpose: str, device: torch.device, secure: bool) -> torch.Generator:
+    """A generator for one purpose; in secure mode seeded from OS entropy and never recorded."""
+    g = torch.Generator(device=device)
+    g.manual_seed(secrets.randbits(63) if secure else derive_seed(seed, purpose))
+    return g
+
+
+@dataclass
+class TrainOutcome:
+    model: nn.Module
+    test_acc: float
+    test_loss: float
+    train_wall_s: float
+    samples_seen: int
+    final_train_loss: float
+
+
+def _base_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy) on a held-out split."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), EVAL_BATCH):
+        out = model(x[i:i + EVAL_BATCH])
+        loss += float(nn.functional.cross_entropy(out, y[i:i + EVAL_BATCH], reduction="sum"))
+        correct += int((out.argmax(1) == y[i:i + EVAL_BATCH]).sum())
+    model.train()
+    return correct / len(y), loss / len(y)
+
+
+def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier: float, steps: int,
+          device: torch.device, *, show_progress: bool = True,
+          on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None) -> TrainOutcome:
+    """Train ``steps`` logical steps of ``mech`` and evaluate on the test split."""
+    n = data.train_size
+    q = cfg.sample_rate(n)
+    torch.manual_seed(derive_seed(cfg.seed, "model"))
+    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    if mech.private:
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise BadInput(f"model {cfg.model!r} cannot be trained privately: {errors[0]}")
+        model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    model.to(device).train()
+    optimizer = mech.make_optimizer(_base_optimizer(cfg, model.parameters()), noise_multiplier=noise_multiplier,
+                                    max_grad_norm=cfg.clip, expected_batch_size=cfg.batch_size,
+                                    generator=make_generator(cfg.seed, "noise", device, cfg.secure))
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
+    sampler = mech.make_sampler(n, q, steps, make_generator(cfg.seed, "sampling", torch.device("cpu"), cfg.secure))
+    x, y = data.train_x.to(device), data.train_y.to(device)
+    physical = cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH)
+    criterion = nn.CrossEntropyLoss()
+
+    samples, ema_loss = 0, float("nan")
+    t0 = time.perf_counter()
+    with _progress(show_progress) as bar:
+        task = bar.add_task(f"{cfg.mech} {cfg.dataset}", total=steps, loss=float("nan"))
+        for step, indices in enumerate(sampler):
+            mech.begin_step(step, steps, optimizer)
+            idx = torch.as_tensor(indices, dtype=torch.long, device=device)
+            chunks = list(idx.split(physical)) if len(idx) else []
+            step_loss = 0.0
+            if mech.private:
+                if not chunks:  # an empty Poisson batch still releases noise and counts as a step
+                    for p in optimizer.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                    chunks_to_run: list[torch.Tensor] = []
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    chunks_to_run = chunks
+                for j, c in enumerate(chunks_to_run):
+                    loss = criterion(model(x[c]), y[c])
+                    loss.backward()
+                    step_loss += float(loss.detach()) * len(c)
+                    if j < len(chunks_to_run) - 1:
+                        optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                for c in chunks:
+                    # sum of per-sample losses over the expected batch size, as the private path scales
+                    loss = nn.functional.cross_entropy(model(x[c]), y[c], reduction="sum") / cfg.batch_size
+                    loss.backward()
+                    step_loss += float(loss.detach()) * cfg.batch_size
+                optimizer.step()
+            samples += len(idx)
+            if len(idx):
+                mean = step_loss / len(idx)
+                ema_loss = mean if math.isnan(ema_loss) else 0.95 * ema_loss + 0.05 * mean
+            bar.update(task, advance=1, loss=ema_loss)
+    wall = time.perf_counter() - t0
+    acc, test_loss = evaluate(model, data.test_x.to(device), data.test_y.to(device))
+    return TrainOutcome(model, acc, test_loss, wall, samples, ema_loss)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(cfg: RunConfig, *, command: str = "", show_progress: bool = True) -> dict[str, Any]:
+    """Validate, calibrate, train, evaluate and record one run; returns the CSV row."""
+    started = _now()
+    device = resolve_device(cfg.device)
+    mech = get_mechanism(cfg.mech)(**cfg.mech_params)
+    MODELS.entry(cfg.model)
+    check_writable(cfg.out)
+    check_compatible(Path(cfg.out))
+    data = load_dataset(cfg.dataset, cfg.data_dir)
+    n = data.train_size
+    validate(cfg, n)
+    q, steps = cfg.sample_rate(n), cfg.num_steps(n)
+
+    noise = calibrate(mech, cfg.eps, q, steps, cfg.delta) if mech.private else 0.0
+    privacy = account(mech, noise, q, steps, cfg.delta)  # recomputed from the noise actually used
+    if mech.private and not privacy.eps <= cfg.eps:
+        raise RuntimeError(f"eps spent {privacy.eps} exceeds the target {cfg.eps}")
+
+    meter = LoadMeter()
+    outcome = train(cfg, mech, data, noise, steps, device, show_progress=show_progress)
+    env = environment()
+    run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.mech}-{cfg.dataset}-{uuid.uuid4().hex[:6]}"
+    row: dict[str, Any] = {
+        "run_id": run_id, "started_at": started, "finished_at": _now(),
+        "mech": cfg.mech, "dataset": cfg.dataset, "dataset_variant": data.variant, "model": cfg.model,
+        "eps_target": cfg.eps, "delta": cfg.delta, "eps_spent": privacy.eps, "accountant": privacy.accountant,
+        "eps_rdp": privacy.eps_rdp, "eps_prv": privacy.eps_prv, "noise_multiplier": noise,
+        "sample_rate": privacy.sample_rate, "batch_size": cfg.batch_size, "epochs": cfg.nominal_epochs(n),
+        "steps": steps, "lr": cfg.lr, "clip": cfg.clip, "seed": cfg.seed, "test_acc": outcome.test_acc,
+        "test_loss": outcome.test_loss, "wall_s": round(outcome.train_wall_s, 3),
+        "samples_per_s": round(outcome.samples_seen / max(outcome.train_wall_s, 1e-9), 1),
+        "peak_mem_mb": round(_peak_mem_mb(device), 1), "device": str(device), "mech_params": mech.params,
+        "config_hash": cfg.hash(data.variant), "dpbench_version": env["dpbench_version"],
+        "git_commit": env["git_commit"], "torch_version": env["torch_version"],
+        "opacus_version": env["opacus_version"], "eps_classic": privacy.eps_classic,
+        "optimizer": cfg.optimizer, "momentum": cfg.momentum,
+        "physical_batch_size": cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH),
+        "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": command,
+    }
+    record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
+              "model_parameters": count_parameters(outcome.model), "train_size": n,
+              "final_train_loss": outcome.final_train_loss}
+    write_json_atomic(run_record_path(cfg.out, run_id), record)
+    append_row(cfg.out, row)
+    return row
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)

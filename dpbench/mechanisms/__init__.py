@@ -1,0 +1,20 @@
+"""Mechanism plugins. Built-ins register on import; others come from the entry-point group
+``dpbench.mechanisms`` (the entry point names a :class:`~dpbench.mechanisms.base.Mechanism` subclass)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpbench.registry import Registry
+
+MECHANISMS: Registry[Any] = Registry("mechanism", entry_point_group="dpbench.mechanisms")
+
+from dpbench.mechanisms import dpsgd, nonprivate  # noqa: E402,F401  (registers the built-ins)
+
+
+def get_mechanism(name: str) -> Any:
+    """The mechanism class registered under ``name``."""
+    return MECHANISMS.get(name)
+
+
+__all__ = ["MECHANISMS", "get_mechanism"]

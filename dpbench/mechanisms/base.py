@@ -1,0 +1,145 @@
+"""The mechanism plugin interface.
+
+A DP-SGD step has five places where the mechanisms of the literature differ. A mechanism is one
+class that overrides only the places it changes; the training loop (``dpbench.engine``), data,
+models and results are shared:
+
+1. sampling              ``make_sampler``          (default: Poisson at rate q, Opacus' sampler)
+2. per-sample transform  ``optimizer_class.clip_and_accumulate``   (default: clip to C)
+3. noise                 ``optimizer_class.add_noise``             (default: N(0, (sigma C)^2) on the sum)
+4. update                ``optimizer_class.step`` / ``begin_step`` (default: the base optimizer's step)
+5. accounting            ``rdp`` and ``sample_rate``               (default: sampled-Gaussian RDP)
+
+Places 2-4 live in a subclass of Opacus' ``DPOptimizer``, so per-sample gradients, accumulation
+over physical batches and noise generation stay Opacus'. The audit inserts a canary into a step
+through ``DPBenchOptimizer.canary``, shaped by ``Mechanism.canary_contribution`` as the worst
+case the mechanism's accountant assumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+from dpbench.errors import BadInput
+from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
+from dpbench.registry import did_you_mean
+
+
+@dataclass(frozen=True)
+class Param:
+    """A mechanism parameter settable with ``--set name=value``."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    def coerce(self, value: Any) -> Any:
+        """Check and convert a parsed ``--set`` value to this parameter's type."""
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+        elif self.type is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif self.type is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif isinstance(value, self.type):
+            return value
+        raise BadInput(f"--set {self.name}={value!r}: expected {self.type.__name__}")
+
+
+class DPBenchOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer with a hook that adds a canary to the summed gradient before noise."""
+
+    #: Set by the audit: returns per-parameter tensors to add to the sum, or None to add nothing.
+    canary: Callable[[], list[torch.Tensor] | None] | None = None
+
+    def add_noise(self) -> None:
+        if self.canary is not None:
+            extra = self.canary()
+            if extra is not None:
+                for p, c in zip(self.params, extra):
+                    p.summed_grad.add_(c.to(p.summed_grad))
+        super().add_noise()
+
+
+class Mechanism:
+    """Base class of every mechanism; by itself it is DP-SGD (Abadi et al. 2016)."""
+
+    name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+    param_specs: ClassVar[tuple[Param, ...]] = ()
+    #: Name of the accountant in results: sgm-rdp, dpis-rdp, modelmix-rdp, ged-rdp or none.
+    accountant: ClassVar[str] = "sgm-rdp"
+    private: ClassVar[bool] = True
+    #: Whether Opacus' PRV accountant of the sampled Gaussian describes this mechanism exactly.
+    prv_applies: ClassVar[bool] = True
+    #: Shown in ``dpbench ls`` and reports when the mechanism or its accounting is our reconstruction.
+    caveat: ClassVar[str | None] = None
+    sgm_orders: ClassVar[tuple[float, ...]] = SGM_ORDERS
+    optimizer_class: ClassVar[type[DPBenchOptimizer]] = DPBenchOptimizer
+
+    def __init__(self, **params: Any) -> None:
+        self.params = self.resolve_params(params)
+
+    # -- parameters -------------------------------------------------------------------------
+    @classmethod
+    def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Declared defaults overridden by ``given``; unknown keys are a BadInput."""
+        specs = {p.name: p for p in cls.param_specs}
+        for key in given:
+            if key not in specs:
+                hint = did_you_mean(key, list(specs))
+                known = ", ".join(specs) or "none"
+                raise BadInput(f"--set {key}: unknown parameter of mechanism {cls.name!r}{hint}; its parameters: {known}")
+        return {name: (spec.coerce(given[name]) if name in given else spec.default) for name, spec in specs.items()}
+
+    # -- 5. accounting ----------------------------------------------------------------------
+    def sample_rate(self, q: float) -> float:
+        """Rate at which the differing record can enter the gradient release."""
+        return q
+
+    def rdp(self, noise_multiplier: float, q: float, steps: int) -> tuple[Iterable[float], np.ndarray]:
+        """(orders, total RDP) of ``steps`` steps at expected rate ``q``."""
+        return self.sgm_orders, sgm_rdp(self.sample_rate(q), noise_multiplier, steps, self.sgm_orders)
+
+    # -- 1. sampling ------------------------------------------------------------------------
+    def make_sampler(self, num_samples: int, q: float, steps: int,
+                     generator: torch.Generator) -> Iterable[list[int]]:
+        """Exactly ``steps`` batches of indices; Poisson sampling at rate q by default."""
+        return UniformWithReplacementSampler(num_samples=num_samples, sample_rate=q,
+                                             generator=generator, steps=steps)
+
+    # -- 2-4. transform, noise and update ----------------------------------------------------
+    def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                       max_grad_norm: float, expected_batch_size: int,
+                       generator: torch.Generator | None) -> torch.optim.Optimizer:
+        """Wrap the base optimizer; the result's ``step`` runs places 2-4."""
+        return self.optimizer_class(optimizer, noise_multiplier=noise_multiplier,
+                                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                    loss_reduction="mean", generator=generator)
+
+    def begin_step(self, step: int, steps_total: int, optimizer: torch.optim.Optimizer) -> None:
+        """Called before each logical step (e.g. to redraw a mask or move a schedule)."""
+
+    # -- the audit's worst-case record ------------------------------------------------------
+    def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+        """The summed-gradient contribution of the record the accountant assumes: norm C along ``direction``."""
+        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in direction))
+        return [d * (clip / norm) for d in direction]
+
+    # -- description -------------------------------------------------------------------------
+    @classmethod
+    def describe_params(cls) -> str:
+        return ", ".join(f"{p.name}={p.default}" for p in cls.param_specs)

@@ -1,0 +1,103 @@
+"""One generic registry for mechanisms, datasets and models.
+
+Entries are registered with a decorator, or lazily as ``"module:attr"`` strings that are imported
+on first use. Third-party entries come from a Python entry-point group and are lazy as well.
+Unknown names raise :class:`UnknownName` with a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Generic, TypeVar
+
+from dpbench.errors import UnknownName
+
+T = TypeVar("T")
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """A hint like ``" (did you mean 'dpsgd'?)"``, or an empty string when nothing is close."""
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+@dataclass
+class Entry(Generic[T]):
+    name: str
+    target: T | str  # the object, or "module:attr" still to be imported
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> T:
+        if isinstance(self.target, str):
+            module, _, attr = self.target.partition(":")
+            self.target = getattr(importlib.import_module(module), attr)
+        return self.target  # type: ignore[return-value]
+
+
+class Registry(Generic[T]):
+    """A name -> object table with decorator registration and plugin discovery."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._entries: dict[str, Entry[T]] = {}
+        self._plugins_loaded = False
+
+    def register(self, name: str | None = None, **meta: Any) -> Callable[[T], T]:
+        """Decorator: ``@MODELS.register("cnn_tanh", datasets=("mnist",))``."""
+
+        def wrap(obj: T) -> T:
+            key = name or getattr(obj, "name", None) or getattr(obj, "__name__")
+            self._add(Entry(key, obj, dict(meta)))
+            return obj
+
+        return wrap
+
+    def register_lazy(self, name: str, target: str, **meta: Any) -> None:
+        """Register ``"module:attr"`` without importing it until it is used."""
+        self._add(Entry(name, target, dict(meta)))
+
+    def _add(self, entry: Entry[T]) -> None:
+        if entry.name in self._entries and self._entries[entry.name].target is not entry.target:
+            raise ValueError(f"{self.kind} {entry.name!r} is registered twice")
+        self._entries[entry.name] = entry
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded or not self.entry_point_group:
+            return
+        self._plugins_loaded = True
+        for ep in metadata.entry_points(group=self.entry_point_group):
+            if ep.name not in self._entries:
+                self._entries[ep.name] = Entry(ep.name, ep.value, {"plugin": ep.dist.name if ep.dist else "?"})
+
+    def get(self, name: str) -> T:
+        return self.entry(name).load()
+
+    def entry(self, name: str) -> Entry[T]:
+        self._load_plugins()
+        if name not in self._entries:
+            known = sorted(self._entries)
+            raise UnknownName(
+                f"unknown {self.kind} {name!r}{did_you_mean(name, known)}; "
+                f"known: {', '.join(known)} (see 'dpbench ls {self.kind}s')"
+            )
+        return self._entries[name]
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a shell-style pattern, e.g. ``names("*cnn*")``."""
+        self._load_plugins()
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        self._load_plugins()
+        return name in self._entries
+
+    def __len__(self) -> int:
+        self._load_plugins()
+        return len(self._entries)

@@ -1,0 +1,108 @@
+"""The results CSV (one row per finished run) and the run record written beside it.
+
+Appends are crash-safe: the row is formatted in memory and written with a single ``write`` on an
+``O_APPEND`` descriptor under an exclusive ``flock``, so concurrent writers never interleave and a
+killed run (which has not reached this point) leaves no partial row.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from dpbench.errors import BadInput
+
+#: Required columns, in this order (design.md); more may follow.
+COLUMNS: tuple[str, ...] = (
+    "run_id", "started_at", "finished_at", "mech", "dataset", "dataset_variant", "model", "eps_target",
+    "delta", "eps_spent", "accountant", "eps_rdp", "eps_prv", "noise_multiplier", "sample_rate",
+    "batch_size", "epochs", "steps", "lr", "clip", "seed", "test_acc", "test_loss", "wall_s",
+    "samples_per_s", "peak_mem_mb", "device", "mech_params", "config_hash", "dpbench_version",
+    "git_commit", "torch_version", "opacus_version",
+)
+#: Extra columns that follow the required ones.
+EXTRA_COLUMNS: tuple[str, ...] = (
+    "eps_classic", "optimizer", "momentum", "physical_batch_size", "secure", "other_load", "command",
+)
+ALL_COLUMNS = COLUMNS + EXTRA_COLUMNS
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return repr(value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def format_row(row: dict[str, Any], columns: tuple[str, ...] = ALL_COLUMNS) -> str:
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+        raise ValueError(f"row lacks required columns: {missing}")
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def _header(columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(columns)
+    return buf.getvalue()
+
+
+def existing_columns(path: Path) -> tuple[str, ...] | None:
+    """The header of an existing CSV, or None when the file is absent or empty."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, newline="") as fh:
+        return tuple(next(csv.reader(fh)))
+
+
+def check_compatible(path: Path) -> None:
+    """An existing CSV must start with the required columns, so rows line up with its header."""
+    cols = existing_columns(path)
+    if cols is not None and cols[: len(COLUMNS)] != COLUMNS:
+        raise BadInput(f"--out {path}: existing CSV has other columns than dpbench writes")
+
+
+def append_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one row atomically, writing the header first if the file is new or empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        cols = existing_columns(path) or ALL_COLUMNS
+        if cols[: len(COLUMNS)] != COLUMNS:
+            raise BadInput(f"--out {path}: existing CSV has other columns than dpbench writes")
+        data = format_row(row, cols)
+        if os.fstat(fd).st_size == 0:
+            data = _header(cols) + data
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def run_record_path(out_csv: str | Path, run_id: str) -> Path:
+    """``<csv folder>/runs/<run_id>.json``."""
+    return Path(out_csv).parent / "runs" / f"{run_id}.json"
