@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 from typing import Any, Optional
 
 import typer
@@ -23,10 +21,6 @@ err = Console(stderr=True)
 def fail(exc: BadInput) -> typer.Exit:
     err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
-
-
-def _command_line() -> str:
-    return "dpbench " + shlex.join(sys.argv[1:])
 
 
 @app.command()
@@ -66,7 +60,7 @@ def run(
     try:
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options, config)
-        row = run_engine(cfg, command=_command_line(), show_progress=not quiet)
+        row = run_engine(cfg, show_progress=not quiet)
     except BadInput as exc:
         raise fail(exc)
     _print_summary(row, cfg.out)

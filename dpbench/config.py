@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,23 @@ class RunConfig:
 
     def sample_rate(self, n: int) -> float:
         return self.batch_size / n
+
+    def command(self) -> str:
+        """The fully resolved ``dpbench run`` command that reproduces this run (recipe-independent)."""
+        parts = ["dpbench", "run", "--mech", self.mech, "--dataset", self.dataset, "--model", self.model]
+        if self.mech != "nonprivate":
+            parts += ["--eps", f"{self.eps:g}"]
+        parts += ["--delta", f"{self.delta:g}", "--batch-size", str(self.batch_size)]
+        parts += ["--steps", str(self.steps)] if self.steps is not None else ["--epochs", f"{self.epochs:g}"]
+        parts += ["--lr", f"{self.lr:g}", "--optimizer", self.optimizer, "--momentum", f"{self.momentum:g}",
+                  "--clip", f"{self.clip:g}", "--seed", str(self.seed)]
+        for key, value in sorted(self.mech_params.items()):
+            parts += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        if self.secure:
+            parts.append("--secure")
+        if self.force:
+            parts.append("--force")
+        return shlex.join(parts)
 
     def hash(self, dataset_variant: str) -> str:
         """Hash of everything that defines the experiment; excludes seed, device, paths, versions."""
@@ -109,9 +127,14 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     given.update({k: v for k, v in options.items() if v is not None and k != "mech_params"})
     params = dict(given.get("mech_params") or {})
     params.update(options.get("mech_params") or {})
-    for required in ("mech", "dataset"):
-        if required not in given:
-            raise BadInput(f"missing --{required}")
+    given.setdefault("dataset", "mnist")
+    if "mech" not in given:
+        raise BadInput("missing --mech")
+    from dpbench.data import DATASETS
+    from dpbench.mechanisms import MECHANISMS
+
+    MECHANISMS.entry(given["mech"])  # unknown names fail here, with a "did you mean"
+    DATASETS.entry(given["dataset"])
     eps = float(given.get("eps", "nan"))
     mech = given["mech"]
     if math.isinf(eps) and eps > 0 and mech != "nonprivate":
@@ -161,13 +184,23 @@ def validate(cfg: RunConfig, n: int) -> None:
 
 
 def check_writable(out: str) -> None:
-    """Fail early (before training) when the results CSV cannot be written."""
+    """Fail early (before training) when the results CSV cannot be written; leaves nothing behind."""
     path = Path(out)
-    if path.exists() and path.is_dir():
+    if path.is_dir():
         raise BadInput(f"--out {out}: is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    probe_dir = parent
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise BadInput(f"--out {out}: not writable")
+    created: list[Path] = []
+    existed = path.exists()
+    try:
+        for parent in reversed(path.parents):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise BadInput(f"--out {out}: not writable ({exc.strerror})") from None
+    finally:
+        if not existed and path.exists():
+            path.unlink()
+        for d in reversed(created):
+            d.rmdir()

@@ -15,6 +15,7 @@ import resource
 import secrets
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,12 +34,13 @@ from dpbench.data import DatasetBundle, load_dataset
 from dpbench.environment import LoadMeter, environment
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
-from dpbench.mechanisms.base import Mechanism
+from dpbench.mechanisms.base import Mechanism, TrainContext
 from dpbench.models import MODELS, build_model, count_parameters
 from dpbench.privacy import account, calibrate
 from dpbench.results import append_row, check_compatible, run_record_path, write_json_atomic
 
 DEFAULT_PHYSICAL_BATCH = 1024
+
 EVAL_BATCH = 4096
 
 
@@ -125,13 +127,19 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     x, y = data.train_x.to(device), data.train_y.to(device)
     physical = cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH)
     criterion = nn.CrossEntropyLoss()
+    ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, train_x=x, train_y=y, criterion=criterion,
+                       noise_multiplier=noise_multiplier, sample_rate=q, steps=steps, physical_batch_size=physical,
+                       device=device, make_generator=lambda purpose: make_generator(cfg.seed, purpose, device, cfg.secure))
+    mech.setup(ctx)
 
     samples, ema_loss = 0, float("nan")
     t0 = time.perf_counter()
-    with _progress(show_progress) as bar:
+    with _progress(show_progress) as bar, warnings.catch_warnings():
+        # Opacus' hooks on the first layer fire on module outputs when inputs need no gradient: harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         task = bar.add_task(f"{cfg.mech} {cfg.dataset}", total=steps, loss=float("nan"))
         for step, indices in enumerate(sampler):
-            mech.begin_step(step, steps, optimizer)
+            mech.begin_step(ctx, step)
             idx = torch.as_tensor(indices, dtype=torch.long, device=device)
             chunks = list(idx.split(physical)) if len(idx) else []
             step_loss = 0.0
@@ -180,17 +188,17 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run(cfg: RunConfig, *, command: str = "", show_progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """Validate, calibrate, train, evaluate and record one run; returns the CSV row."""
     started = _now()
     device = resolve_device(cfg.device)
     mech = get_mechanism(cfg.mech)(**cfg.mech_params)
     MODELS.entry(cfg.model)
-    check_writable(cfg.out)
-    check_compatible(Path(cfg.out))
     data = load_dataset(cfg.dataset, cfg.data_dir)
     n = data.train_size
     validate(cfg, n)
+    check_writable(cfg.out)
+    check_compatible(Path(cfg.out))
     q, steps = cfg.sample_rate(n), cfg.num_steps(n)
 
     noise = calibrate(mech, cfg.eps, q, steps, cfg.delta) if mech.private else 0.0
@@ -217,7 +225,7 @@ def run(cfg: RunConfig, *, command: str = "", show_progress: bool = True) -> dic
         "opacus_version": env["opacus_version"], "eps_classic": privacy.eps_classic,
         "optimizer": cfg.optimizer, "momentum": cfg.momentum,
         "physical_batch_size": cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH),
-        "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": command,
+        "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": cfg.command(),
     }
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
               "model_parameters": count_parameters(outcome.model), "train_size": n,

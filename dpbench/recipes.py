@@ -42,7 +42,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("fmnist", "nonprivate"): Recipe("cnn_tanh", 2048, 40, 0.2, "sgd", 0.9, 0.1,
                                      "dpbench: T&B FMNIST schedule with lr 0.2 (unclipped)"),
     # Tests: a few quick steps.
-    ("synthetic", "*"): Recipe("cnn_tanh", 64, 4, 0.5, "sgd", 0.9, 1.0, "dpbench test recipe"),
+    ("synthetic", "*"): Recipe("cnn_tanh", 64, 4, 0.2, "sgd", 0.9, 1.0, "dpbench test recipe"),
 }
 
 

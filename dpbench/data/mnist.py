@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -56,14 +57,19 @@ def _load(name: str, cls: type, subdir: str, mean: float, std: float, data_dir: 
     if root is None:
         root = cache_dir() / "torchvision"
         tried.append(f"torchvision download into {root}")
+        problem = "DPBENCH_OFFLINE is set"
         try:
-            cls(root=root, train=True, download=True)
-            cls(root=root, train=False, download=True)
+            if not os.environ.get("DPBENCH_OFFLINE"):
+                cls(root=root, train=True, download=True)
+                cls(root=root, train=False, download=True)
+                problem = ""
         except Exception as exc:  # no network: say where we looked and how to fix it
+            problem = f"download failed: {type(exc).__name__}"
+        if problem:
             raise BadInput(
-                f"dataset {name!r} not found; tried {'; '.join(tried)} ({type(exc).__name__}). "
+                f"dataset {name!r} not found; tried {'; '.join(tried)} ({problem}). "
                 f"Pass --data-dir (or set DPBENCH_DATA) to a folder holding {subdir}/{IDX_FILES[0]}.gz etc."
-            ) from None
+            )
     normalise = T.Normalize((mean,), (std,))
 
     def tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:

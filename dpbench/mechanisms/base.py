@@ -7,7 +7,8 @@ models and results are shared:
 1. sampling              ``make_sampler``          (default: Poisson at rate q, Opacus' sampler)
 2. per-sample transform  ``optimizer_class.clip_and_accumulate``   (default: clip to C)
 3. noise                 ``optimizer_class.add_noise``             (default: N(0, (sigma C)^2) on the sum)
-4. update                ``optimizer_class.step`` / ``begin_step`` (default: the base optimizer's step)
+4. update                ``optimizer_class.step``                  (default: the base optimizer's step)
+   plus ``setup`` (once) and ``begin_step`` (every step), which see a :class:`TrainContext`
 5. accounting            ``rdp`` and ``sample_rate``               (default: sampled-Gaussian RDP)
 
 Places 2-4 live in a subclass of Opacus' ``DPOptimizer``, so per-sample gradients, accumulation
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from dpbench.errors import BadInput
 from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
 from dpbench.registry import did_you_mean
+
+if TYPE_CHECKING:
+    from dpbench.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,25 @@ class Param:
         elif isinstance(value, self.type):
             return value
         raise BadInput(f"--set {self.name}={value!r}: expected {self.type.__name__}")
+
+
+@dataclass
+class TrainContext:
+    """What the loop hands a mechanism's ``setup`` and ``begin_step`` hooks."""
+
+    cfg: "RunConfig"
+    model: torch.nn.Module  # an Opacus GradSampleModule for private mechanisms
+    optimizer: torch.optim.Optimizer  # what ``make_optimizer`` returned
+    train_x: torch.Tensor  # the whole training split, on the device
+    train_y: torch.Tensor
+    criterion: torch.nn.Module  # mean cross-entropy
+    noise_multiplier: float
+    sample_rate: float  # q = B/N
+    steps: int
+    physical_batch_size: int
+    device: torch.device
+    #: ``make_generator("purpose")``: a generator derived from --seed, or from OS entropy with --secure.
+    make_generator: Callable[[str], torch.Generator]
 
 
 class DPBenchOptimizer(DPOptimizer):
@@ -130,8 +153,11 @@ class Mechanism:
                                     max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
                                     loss_reduction="mean", generator=generator)
 
-    def begin_step(self, step: int, steps_total: int, optimizer: torch.optim.Optimizer) -> None:
-        """Called before each logical step (e.g. to redraw a mask or move a schedule)."""
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once after the optimizer is built and before the first step."""
+
+    def begin_step(self, ctx: TrainContext, step: int) -> None:
+        """Called before each logical step (e.g. to redraw a mask, release a norm sum, move a schedule)."""
 
     # -- the audit's worst-case record ------------------------------------------------------
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
