@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export DPBENCH_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install test test-all run bench clean
+.PHONY: install test test-all run bench sweep-mnist sweep-fmnist plots report clean
 
 install: $(STAMP)
 
@@ -30,6 +30,20 @@ test-all: install
 
 run: install
 	$(VENV)/bin/dpbench run --mech dpsgd --eps 3 --dataset mnist
+
+# Sweeps are resumable: re-running one trains only what is missing from its CSV.
+SWEEP_FLAGS ?=
+sweep-mnist: install
+	$(VENV)/bin/dpbench sweep benchmarks/mnist.toml $(SWEEP_FLAGS)
+
+sweep-fmnist: install
+	$(VENV)/bin/dpbench sweep benchmarks/fmnist.toml $(SWEEP_FLAGS)
+
+plots: install
+	@for f in results/*/runs.csv; do $(VENV)/bin/dpbench plot $$f --published -o $${f%runs.csv}accuracy_vs_eps.png; done
+
+report: install
+	@for f in results/*/runs.csv; do $(VENV)/bin/dpbench report $$f -o $${f%runs.csv}report.md --title "dpbench: $$(basename $$(dirname $$f))"; done
 
 bench: install
 	$(PY) benchmarks/bench_overhead.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -47,6 +48,8 @@ def run(
     config: Optional[str] = typer.Option(None, help="TOML file with the same options"),
     force: bool = typer.Option(False, "--force", help="allow delta >= 1/N"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    resume: bool = typer.Option(False, "--resume", help="continue from this configuration's checkpoint"),
+    checkpoint_every: float = typer.Option(300.0, help="seconds between checkpoints"),
 ) -> None:
     """Train one model under (eps, delta)-DP and append one row to the results CSV."""
     from dpbench.config import parse_sets, resolve
@@ -60,7 +63,7 @@ def run(
     try:
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options, config)
-        row = run_engine(cfg, show_progress=not quiet)
+        row = run_engine(cfg, show_progress=not quiet, resume=resume, checkpoint_every_s=checkpoint_every)
     except BadInput as exc:
         raise fail(exc)
     _print_summary(row, cfg.out)
@@ -93,7 +96,7 @@ def account(
     dataset: Optional[str] = typer.Option(None, help="dataset whose size N and recipe to use [default: mnist]"),
     n: Optional[int] = typer.Option(None, "--n", help="dataset size N (instead of --dataset)"),
     batch_size: Optional[int] = typer.Option(None, help="expected batch size B [default: recipe]"),
-    clip: Optional[float] = typer.Option(None, help="clipping bound (does not change eps)"),
+    clip: Optional[float] = typer.Option(None, help="clipping bound C [default: recipe] (changes eps only for modelmix)"),
     epochs: Optional[float] = typer.Option(None),
     steps: Optional[int] = typer.Option(None),
     eps: Optional[float] = typer.Option(None, help="target eps: print the calibrated noise"),
@@ -133,6 +136,7 @@ def account(
         if t <= 0:
             raise BadInput(f"--steps {t}: must be positive")
         q = b / size
+        mechanism.bind(batch_size=b, clip=clip if clip is not None else (recipe.clip if recipe else None))
         if sigma is not None:
             if not sigma > 0:
                 raise BadInput(f"--sigma {sigma}: must be positive")
@@ -156,6 +160,108 @@ def account(
     t_.add_row("eps (sampled-Gaussian RDP)", _fmt(report.eps_rdp))
     t_.add_row("eps (PRV)", _fmt(report.eps_prv))
     out.print(t_)
+
+
+def _split(text: Optional[str], conv=str) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        return [conv(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"{text!r}: expected a comma-separated list") from None
+
+
+@app.command()
+def sweep(
+    spec_file: Optional[str] = typer.Argument(None, help="sweep spec (TOML) with [grid], [fixed], [recipe.<mech>]"),
+    mech: Optional[str] = typer.Option(None, help="comma-separated mechanisms (patterns allowed, '*' = all)"),
+    dataset: Optional[str] = typer.Option(None, help="comma-separated datasets"),
+    model: Optional[str] = typer.Option(None, help="comma-separated models"),
+    eps: Optional[str] = typer.Option(None, help="comma-separated eps targets, e.g. 1,2,3,4,8"),
+    seeds: Optional[str] = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
+    epochs: Optional[float] = typer.Option(None, help="epochs for every run (overrides the spec)"),
+    devices: Optional[str] = typer.Option(None, help="one worker per device, e.g. cuda:0,cuda:1"),
+    jobs: int = typer.Option(1, help="CPU worker processes (ignored with --devices)"),
+    data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
+    out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV [default: spec's out, else results/sweep.csv]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the configurations and exit"),
+) -> None:
+    """Run a grid of configurations, skipping those already in the CSV; resumable and crash-safe."""
+    from dpbench.sweep import SweepSpec, expand, read_spec, run_sweep
+
+    try:
+        spec = read_spec(spec_file) if spec_file else SweepSpec(grid={})
+        for key, values in (("mech", _split(mech)), ("dataset", _split(dataset)), ("model", _split(model)),
+                            ("eps", _split(eps, float)), ("seed", _split(seeds, int))):
+            if values is not None:
+                spec.grid[key] = values
+        if epochs is not None:
+            spec.fixed["epochs"] = epochs
+        if data_dir is not None:
+            spec.fixed["data_dir"] = data_dir
+        out_path = out_csv or spec.fixed.pop("out", None) or "results/sweep.csv"
+        spec.fixed.pop("out", None)
+        if jobs < 1:
+            raise BadInput(f"--jobs {jobs}: must be at least 1")
+        device_list = _split(devices)
+        if device_list:
+            from dpbench.engine import resolve_device
+
+            for d in device_list:
+                resolve_device(d)
+        configs = expand(spec)
+        if dry_run:
+            for c in configs:
+                out.print(c.command(), highlight=False, soft_wrap=True)
+            return
+        outcomes = run_sweep(configs, out_path, jobs=jobs, devices=device_list)
+    except BadInput as exc:
+        raise fail(exc)
+    if any(not o.ok for o in outcomes):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def plot(
+    csv_file: str = typer.Argument(..., help="results CSV"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="PNG path (an SVG is written beside it)"),
+    published: bool = typer.Option(False, "--published", help="add published reference points"),
+    log_eps: bool = typer.Option(False, "--log-eps", help="logarithmic eps axis"),
+    title: Optional[str] = typer.Option(None, help="figure title"),
+) -> None:
+    """Plot accuracy against eps, one line per mechanism, mean +- std over seeds."""
+    from dpbench.plots import save_plot
+    from dpbench.tables import load_results
+
+    try:
+        df = load_results(csv_file)
+        paths = save_plot(df, output or str(Path(csv_file).with_suffix(".png")), with_published=published,
+                          log_eps=log_eps, title=title)
+    except BadInput as exc:
+        raise fail(exc)
+    out.print("wrote " + ", ".join(map(str, paths)))
+
+
+@app.command()
+def report(
+    csv_file: str = typer.Argument(..., help="results CSV"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="markdown path [default: stdout]"),
+    title: str = typer.Option("dpbench report", help="report title"),
+) -> None:
+    """A markdown table per dataset: mean +- std, seeds, paired difference to dpsgd, published numbers."""
+    from dpbench.report import build_report
+    from dpbench.tables import load_results
+
+    try:
+        text = build_report(load_results(csv_file), title=title)
+    except BadInput as exc:
+        raise fail(exc)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+        out.print(f"wrote {output}")
+    else:
+        typer.echo(text)
 
 
 @app.command("ls")

@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from dpbench.checkpoint import Checkpointer, checkpoint_path
 from dpbench.config import RunConfig, check_writable, validate
 from dpbench.data import DatasetBundle, load_dataset
 from dpbench.environment import LoadMeter, environment
@@ -106,8 +107,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier: float, steps: int,
           device: torch.device, *, show_progress: bool = True,
-          on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None) -> TrainOutcome:
-    """Train ``steps`` logical steps of ``mech`` and evaluate on the test split."""
+          on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
+          checkpointer: Checkpointer | None = None, resume: bool = False) -> TrainOutcome:
+    """Train ``steps`` logical steps of ``mech`` and evaluate on the test split.
+
+    With a ``checkpointer`` the state is saved every few minutes; ``resume`` continues from it.
+    """
     n = data.train_size
     q = cfg.sample_rate(n)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
@@ -118,27 +123,53 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
             raise BadInput(f"model {cfg.model!r} cannot be trained privately: {errors[0]}")
         model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     model.to(device).train()
+    generators: dict[str, torch.Generator] = {}
+
+    def generator(purpose: str, on: torch.device = device) -> torch.Generator:
+        if purpose in generators:
+            raise ValueError(f"generator {purpose!r} requested twice")
+        generators[purpose] = make_generator(cfg.seed, purpose, on, cfg.secure)
+        return generators[purpose]
+
     optimizer = mech.make_optimizer(_base_optimizer(cfg, model.parameters()), noise_multiplier=noise_multiplier,
                                     max_grad_norm=cfg.clip, expected_batch_size=cfg.batch_size,
-                                    generator=make_generator(cfg.seed, "noise", device, cfg.secure))
+                                    generator=generator("noise"))
     if on_optimizer is not None:
         on_optimizer(optimizer)
-    sampler = mech.make_sampler(n, q, steps, make_generator(cfg.seed, "sampling", torch.device("cpu"), cfg.secure))
+    sampling = generator("sampling", torch.device("cpu"))
     x, y = data.train_x.to(device), data.train_y.to(device)
     physical = cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH)
     criterion = nn.CrossEntropyLoss()
     ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, train_x=x, train_y=y, criterion=criterion,
                        noise_multiplier=noise_multiplier, sample_rate=q, steps=steps, physical_batch_size=physical,
-                       device=device, make_generator=lambda purpose: make_generator(cfg.seed, purpose, device, cfg.secure))
+                       device=device, make_generator=generator)
     mech.setup(ctx)
 
-    samples, ema_loss = 0, float("nan")
+    start, samples, ema_loss, done_wall = 0, 0, float("nan"), 0.0
+    state = checkpointer.load() if (checkpointer is not None and resume) else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        mech.load_state_dict(state["mechanism"])
+        for purpose, g_state in state.get("generators", {}).items():
+            generators[purpose].set_state(g_state)
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+        start, samples, ema_loss, done_wall = state["step"], state["samples"], state["ema_loss"], state["wall"]
+
+    def snapshot(next_step: int) -> dict[str, Any]:
+        return {"step": next_step, "samples": samples, "ema_loss": ema_loss,
+                "wall": done_wall + time.perf_counter() - t0, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "mechanism": mech.state_dict(),
+                "generators": {k: g.get_state() for k, g in generators.items()}, "torch_rng": torch.get_rng_state()}
+
+    sampler = mech.make_sampler(n, q, steps - start, sampling)
     t0 = time.perf_counter()
     with _progress(show_progress) as bar, warnings.catch_warnings():
         # Opacus' hooks on the first layer fire on module outputs when inputs need no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        task = bar.add_task(f"{cfg.mech} {cfg.dataset}", total=steps, loss=float("nan"))
-        for step, indices in enumerate(sampler):
+        task = bar.add_task(f"{cfg.mech} {cfg.dataset}", total=steps, completed=start, loss=ema_loss)
+        for step, indices in enumerate(sampler, start=start):
             mech.begin_step(ctx, step)
             idx = torch.as_tensor(indices, dtype=torch.long, device=device)
             chunks = list(idx.split(physical)) if len(idx) else []
@@ -173,7 +204,9 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                 mean = step_loss / len(idx)
                 ema_loss = mean if math.isnan(ema_loss) else 0.95 * ema_loss + 0.05 * mean
             bar.update(task, advance=1, loss=ema_loss)
-    wall = time.perf_counter() - t0
+            if checkpointer is not None and step + 1 < steps:
+                checkpointer.maybe_save(lambda: snapshot(step + 1))
+    wall = done_wall + time.perf_counter() - t0
     acc, test_loss = evaluate(model, data.test_x.to(device), data.test_y.to(device))
     return TrainOutcome(model, acc, test_loss, wall, samples, ema_loss)
 
@@ -188,8 +221,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
-    """Validate, calibrate, train, evaluate and record one run; returns the CSV row."""
+def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
+        checkpoint_every_s: float = 300.0) -> dict[str, Any]:
+    """Validate, calibrate, train, evaluate and record one run; returns the CSV row.
+
+    A checkpoint is kept beside the CSV while the run trains; ``resume`` continues from it.
+    """
     started = _now()
     device = resolve_device(cfg.device)
     mech = get_mechanism(cfg.mech)(**cfg.mech_params)
@@ -201,13 +238,17 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
     check_compatible(Path(cfg.out))
     q, steps = cfg.sample_rate(n), cfg.num_steps(n)
 
+    mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
     noise = calibrate(mech, cfg.eps, q, steps, cfg.delta) if mech.private else 0.0
     privacy = account(mech, noise, q, steps, cfg.delta)  # recomputed from the noise actually used
     if mech.private and not privacy.eps <= cfg.eps:
         raise RuntimeError(f"eps spent {privacy.eps} exceeds the target {cfg.eps}")
 
     meter = LoadMeter()
-    outcome = train(cfg, mech, data, noise, steps, device, show_progress=show_progress)
+    checkpointer = Checkpointer(checkpoint_path(cfg.out, cfg.hash(data.variant), cfg.seed), checkpoint_every_s,
+                                secure=cfg.secure)
+    outcome = train(cfg, mech, data, noise, steps, device, show_progress=show_progress,
+                    checkpointer=checkpointer, resume=resume)
     env = environment()
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.mech}-{cfg.dataset}-{uuid.uuid4().hex[:6]}"
     row: dict[str, Any] = {
@@ -232,6 +273,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True) -> dict[str, Any]:
               "final_train_loss": outcome.final_train_loss}
     write_json_atomic(run_record_path(cfg.out, run_id), record)
     append_row(cfg.out, row)
+    checkpointer.clear()
     return row
 
 

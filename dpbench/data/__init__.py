@@ -12,9 +12,15 @@ DATASETS: Registry[Any] = Registry("dataset")
 from dpbench.data import mnist, synthetic  # noqa: E402,F401  (registers the built-ins)
 
 
+def dataset_variant(name: str, data_dir: str | None = None) -> str:
+    """What ``load_dataset`` would record as ``dataset_variant``, without loading the data."""
+    variant = DATASETS.entry(name).meta.get("variant", name)
+    return variant(data_dir) if callable(variant) else variant
+
+
 def load_dataset(name: str, data_dir: str | None = None) -> DatasetBundle:
     """Load dataset ``name``; ``data_dir`` (or $DPBENCH_DATA) points at an offline copy."""
     return DATASETS.get(name)(data_dir)
 
 
-__all__ = ["DATASETS", "DatasetBundle", "load_dataset"]
+__all__ = ["DATASETS", "DatasetBundle", "dataset_variant", "load_dataset"]

@@ -82,11 +82,11 @@ def _load(name: str, cls: type, subdir: str, mean: float, std: float, data_dir: 
     return DatasetBundle(name, name, train_x, train_y, test_x, test_y, num_classes=10)
 
 
-@DATASETS.register("mnist", train_size=60000, summary="MNIST digits, 28x28 grey, 60k/10k (LeCun et al.)")
+@DATASETS.register("mnist", train_size=60000, num_classes=10, summary="MNIST digits, 28x28 grey, 60k/10k (LeCun et al.)")
 def load_mnist(data_dir: str | None = None) -> DatasetBundle:
     return _load("mnist", torchvision.datasets.MNIST, "mnist", 0.1307, 0.3081, data_dir)
 
 
-@DATASETS.register("fmnist", train_size=60000, summary="Fashion-MNIST, 28x28 grey, 60k/10k (Xiao et al. 2017)")
+@DATASETS.register("fmnist", train_size=60000, num_classes=10, summary="Fashion-MNIST, 28x28 grey, 60k/10k (Xiao et al. 2017)")
 def load_fmnist(data_dir: str | None = None) -> DatasetBundle:
     return _load("fmnist", torchvision.datasets.FashionMNIST, "fmnist", 0.2860, 0.3530, data_dir)

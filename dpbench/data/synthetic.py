@@ -10,7 +10,7 @@ from dpbench.data.base import DatasetBundle
 TRAIN_SIZE, TEST_SIZE, CLASSES = 512, 256, 10
 
 
-@DATASETS.register("synthetic", train_size=TRAIN_SIZE, summary="tiny deterministic 28x28 toy data (tests; no files)")
+@DATASETS.register("synthetic", train_size=TRAIN_SIZE, num_classes=CLASSES, summary="tiny deterministic 28x28 toy data (tests; no files)")
 def load_synthetic(data_dir: str | None = None) -> DatasetBundle:
     g = torch.Generator().manual_seed(20240601)
     templates = torch.randn(CLASSES, 1, 28, 28, generator=g)

@@ -129,6 +129,13 @@ class Mechanism:
         return {name: (spec.coerce(given[name]) if name in given else spec.default) for name, spec in specs.items()}
 
     # -- 5. accounting ----------------------------------------------------------------------
+    def bind(self, *, batch_size: int | None, clip: float | None) -> None:
+        """Receive the run's expected batch size B and clipping bound C before any accounting.
+
+        ``rdp`` sees only (noise, q, steps); a curve that also depends on B or C (ModelMix's
+        rho = gamma * B / C) stores them here. ``engine.run`` and ``dpbench account`` call this.
+        """
+
     def sample_rate(self, q: float) -> float:
         """Rate at which the differing record can enter the gradient release."""
         return q
@@ -158,6 +165,14 @@ class Mechanism:
 
     def begin_step(self, ctx: TrainContext, step: int) -> None:
         """Called before each logical step (e.g. to redraw a mask, release a norm sum, move a schedule)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Non-secret state a checkpoint must carry (generators made by ``ctx.make_generator`` are saved
+        by the loop, and only in reproducible mode)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
 
     # -- the audit's worst-case record ------------------------------------------------------
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:

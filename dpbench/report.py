@@ -1,0 +1,101 @@
+"""Markdown comparison report: per dataset, every (mechanism, eps, configuration) against DP-SGD.
+
+The difference to DP-SGD is paired by seed: the mean over seeds present in both groups of
+(acc_mech - acc_dpsgd), against the DP-SGD group with the same dataset, model, eps and steps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+from dpbench.data import DATASETS
+from dpbench.mechanisms import MECHANISMS
+from dpbench.tables import GROUP, fmt_eps, load_published, mean_std
+
+
+def _chance(dataset: str) -> float:
+    classes = DATASETS.entry(dataset).meta.get("num_classes", 10) if dataset in DATASETS else 10
+    return 1.0 / classes
+
+
+def _group_command(rows: pd.DataFrame) -> str:
+    seeds = sorted(int(s) for s in rows["seed"].unique())
+    cmd = str(rows["command"].iloc[0]) if "command" in rows else ""
+    if not cmd or cmd == "nan":
+        return "-"
+    cmd = re.sub(r"--seed \S+", "--seed S", cmd)
+    return f"`{cmd}` (S in {{{', '.join(map(str, seeds))}}})"
+
+
+def _reference(df: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame | None:
+    """The DP-SGD rows to pair with: same dataset, model, eps, steps; the group with most seeds."""
+    first = rows.iloc[0]
+    ref = df[(df["mech"] == "dpsgd") & (df["dataset"] == first["dataset"]) & (df["model"] == first["model"])
+             & (df["eps_target"] == first["eps_target"]) & (df["steps"] == first["steps"])]
+    if ref.empty:
+        return None
+    best = ref.groupby("config_hash")["seed"].nunique().sort_values(ascending=False, kind="stable").index[0]
+    return ref[ref["config_hash"] == best]
+
+
+def paired_difference(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[float, int] | None:
+    """Mean over shared seeds of (acc - acc_dpsgd), and the number of pairs."""
+    a = rows.groupby("seed")["test_acc"].mean()
+    b = ref.groupby("seed")["test_acc"].mean()
+    shared = a.index.intersection(b.index)
+    if len(shared) == 0:
+        return None
+    return float((a[shared] - b[shared]).mean()), len(shared)
+
+
+def _published(pub: pd.DataFrame | None, dataset: str, mech: str, eps: float) -> str:
+    if pub is None:
+        return ""
+    hits = pub[(pub["dataset"] == dataset) & (pub["mech"] == mech)
+               & ((pub["eps"] == eps) | (pub["eps"].map(math.isinf) & math.isinf(eps)))]
+    return "; ".join(f"{100 * r.test_acc:.2f} ({r.model_family})" for r in hits.itertuples())
+
+
+def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_published: bool = True) -> str:
+    pub = load_published() if with_published else None
+    lines = [f"# {title}", "",
+             "Test accuracy in %, mean ± sample std over seeds (n = number of seeds). "
+             "Δ dpsgd: mean over shared seeds of the paired difference to `dpsgd` with the same dataset, model, "
+             "eps and steps. ⚠ marks a run group below chance + 5 points. Published numbers come from "
+             "`benchmarks/published.csv` (sources there) and may use other models or epochs.", ""]
+    for dataset, part in df.groupby("dataset", sort=True):
+        chance = _chance(dataset)
+        lines += [f"## {dataset}", "",
+                  "| mechanism | eps | model | accuracy | n | Δ dpsgd | published | epochs | reproduce |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        groups = part.groupby(GROUP, sort=True, dropna=False)
+        for (ds, model, mech, eps, _), rows in groups:
+            mean, std = mean_std(rows["test_acc"].to_numpy())
+            flag = " ⚠" if mean < chance + 0.05 else ""
+            diff = "-"
+            ref = _reference(df, rows) if mech != "dpsgd" else None
+            if ref is not None:
+                paired = paired_difference(rows, ref)
+                if paired is not None:
+                    diff = f"{100 * paired[0]:+.2f} ({paired[1]} pairs)"
+            epochs = rows["epochs"].iloc[0] if "epochs" in rows else float("nan")
+            lines.append(f"| {mech} | {fmt_eps(eps)} | {model} | {100 * mean:.2f} ± {100 * std:.2f}{flag} | "
+                         f"{len(rows)} | {diff} | {_published(pub, dataset, mech, eps) or '-'} | {epochs:.3g} | "
+                         f"{_group_command(rows)} |")
+        lines.append("")
+    caveats = [(m, MECHANISMS.get(m).caveat) for m in sorted(df["mech"].unique())
+               if m in MECHANISMS and MECHANISMS.get(m).caveat]
+    if caveats:
+        lines += ["## Caveats", ""] + [f"- `{m}`: {c}" for m, c in caveats] + [""]
+    return "\n".join(lines)
+
+
+def group_means(df: pd.DataFrame) -> pd.DataFrame:
+    """The numbers the report prints, as a frame (for checks against a plain pandas groupby)."""
+    return df.groupby(GROUP, dropna=False)["test_acc"].agg(["mean", "std", "count"]).reset_index()
+
+
+__all__ = ["build_report", "group_means", "paired_difference"]

@@ -1,0 +1,220 @@
+"""Sweeps: a grid of mechanism x dataset x model x eps x seed, run as resumable subprocesses.
+
+Each configuration runs as its own ``dpbench run ... --resume`` process, so a crash is contained,
+the command in the failures log reproduces it exactly, and a killed sweep loses at most the runs in
+flight (which continue from their checkpoints next time). A (config_hash, seed) pair already in the
+output CSV is skipped, so re-running a finished sweep trains nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dpbench.config import RunConfig, resolve
+from dpbench.data import dataset_variant
+from dpbench.errors import BadInput
+from dpbench.mechanisms import MECHANISMS
+
+GRID_KEYS = ("mech", "dataset", "model", "eps", "seed")
+
+
+@dataclass
+class SweepSpec:
+    grid: dict[str, list[Any]]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mechanism overrides
+
+
+def read_spec(path: str) -> SweepSpec:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise BadInput(f"sweep spec {path!r}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"sweep spec {path!r}: not valid TOML ({exc})") from None
+    unknown = set(data) - {"grid", "fixed", "recipe"}
+    if unknown:
+        raise BadInput(f"sweep spec {path!r}: unknown table(s) {sorted(unknown)}; expected grid, fixed, recipe")
+    grid = {k: v if isinstance(v, list) else [v] for k, v in data.get("grid", {}).items()}
+    bad = set(grid) - set(GRID_KEYS)
+    if bad:
+        raise BadInput(f"sweep spec {path!r}: unknown grid key(s) {sorted(bad)}; expected {', '.join(GRID_KEYS)}")
+    return SweepSpec(grid, dict(data.get("fixed", {})), dict(data.get("recipe", {})))
+
+
+def _options(raw: dict[str, Any]) -> dict[str, Any]:
+    """Spec keys may use dashes like the flags; ``set`` holds mechanism parameters."""
+    out = {k.replace("-", "_"): v for k, v in raw.items() if k != "set"}
+    if "set" in raw:
+        out["mech_params"] = dict(raw["set"])
+    return out
+
+
+def expand(spec: SweepSpec) -> list[RunConfig]:
+    """All configurations of the grid; ``mech = ["*"]`` means every registered mechanism.
+
+    Configurations that resolve to the same (config hash, seed), such as the non-private control at
+    every eps, appear once.
+    """
+    mechs: list[str] = []
+    for pattern in spec.grid.get("mech", ["*"]):
+        names = MECHANISMS.names(pattern)
+        if not names:
+            MECHANISMS.entry(pattern)  # raises with a "did you mean"
+        mechs += [m for m in names if m not in mechs]
+    axes = {
+        "mech": mechs,
+        "dataset": spec.grid.get("dataset", ["mnist"]),
+        "model": spec.grid.get("model", [None]),
+        "eps": spec.grid.get("eps", [3.0]),
+        "seed": spec.grid.get("seed", [0]),
+    }
+    fixed = _options(spec.fixed)
+    configs: list[RunConfig] = []
+    seen: set[tuple[str, int]] = set()
+    for mech, dataset, model, eps, seed in itertools.product(*axes.values()):
+        opts = {**fixed, **_options(spec.recipe.get(mech, {}))}
+        params = {**fixed.get("mech_params", {}), **opts.get("mech_params", {})}
+        opts.update(mech=mech, dataset=dataset, eps=float(eps), seed=int(seed), mech_params=params)
+        if model is not None:
+            opts["model"] = model
+        cfg = resolve(opts)
+        key = (cfg.hash(dataset_variant(cfg.dataset, cfg.data_dir)), cfg.seed)
+        if key not in seen:
+            seen.add(key)
+            configs.append(cfg)
+    return configs
+
+
+def finished_keys(csv_path: str | Path) -> set[tuple[str, int]]:
+    """(config_hash, seed) pairs that already have a row."""
+    path = Path(csv_path)
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    df = pd.read_csv(path, usecols=["config_hash", "seed"], dtype={"config_hash": str})
+    return {(h, int(s)) for h, s in zip(df["config_hash"], df["seed"])}
+
+
+def run_command(cfg: RunConfig, out: str, device: str) -> list[str]:
+    """The ``dpbench run`` command of one configuration (as a list for subprocess)."""
+    args = shlex.split(cfg.command())[2:] + ["--out", out, "--device", device, "--quiet", "--resume"]
+    if cfg.data_dir:
+        args += ["--data-dir", cfg.data_dir]
+    return [sys.executable, "-m", "dpbench.cli", "run", *args]
+
+
+def _die_with_parent() -> None:
+    """Children die with the sweep (Linux), so a killed sweep leaves no orphan writing rows."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Outcome:
+    cfg: RunConfig
+    ok: bool
+    seconds: float
+    detail: str = ""
+
+
+def _label(cfg: RunConfig) -> str:
+    eps = "inf" if cfg.eps == float("inf") else f"{cfg.eps:g}"
+    return f"{cfg.mech} {cfg.dataset}/{cfg.model} eps={eps} seed={cfg.seed}"
+
+
+def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: list[str] | None = None,
+              console: Console | None = None) -> list[Outcome]:
+    """Run every configuration not yet in ``out``; returns the outcomes of those run."""
+    console = console or Console(stderr=True)
+    done = finished_keys(out)
+    todo = [c for c in configs if (c.hash(dataset_variant(c.dataset, c.data_dir)), c.seed) not in done]
+    console.print(f"sweep: {len(configs)} configurations, {len(configs) - len(todo)} already in {out}, "
+                  f"{len(todo)} to run")
+    if not todo:
+        console.print("nothing to train")
+        return []
+    slots = devices or ["cpu"] * max(1, jobs)
+    threads_each = max(1, (os.cpu_count() or 1) // len(slots))
+    failures = Path(out).with_suffix(".failures.log")
+    work: queue.Queue[RunConfig] = queue.Queue()
+    for c in todo:
+        work.put(c)
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    with progress:
+        overall = progress.add_task("sweep", total=len(todo))
+
+        def worker(device: str) -> None:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads_each), "PYTHONUNBUFFERED": "1"}
+            while True:
+                try:
+                    cfg = work.get_nowait()
+                except queue.Empty:
+                    return
+                cmd = run_command(cfg, out, device)
+                task = progress.add_task(f"  {_label(cfg)} [{device}]", total=None)
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
+                outcome = Outcome(cfg, proc.returncode == 0, time.perf_counter() - t0)
+                progress.remove_task(task)
+                with lock:
+                    if not outcome.ok:
+                        lines = (proc.stderr or proc.stdout).strip().splitlines()
+                        outcome.detail = lines[-1] if lines else f"exit {proc.returncode}"
+                        with open(failures, "a") as fh:
+                            fh.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} exit {proc.returncode}: {_label(cfg)}\n"
+                                     f"reproduce: {shlex.join(['dpbench', *cmd[3:]])}\n"
+                                     f"{proc.stderr}{proc.stdout[-2000:]}\n")
+                        console.print(f"[red]failed[/] {_label(cfg)}: {outcome.detail} (see {failures})")
+                    else:
+                        console.print(f"[green]done[/] {_label(cfg)} in {outcome.seconds:.0f} s")
+                    outcomes.append(outcome)
+                    progress.advance(overall)
+
+        pool = [threading.Thread(target=worker, args=(d,), daemon=True) for d in slots]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    _summary(outcomes, out, console)
+    return outcomes
+
+
+def _summary(outcomes: list[Outcome], out: str, console: Console) -> None:
+    t = Table(title=f"sweep summary ({sum(o.ok for o in outcomes)} done, {sum(not o.ok for o in outcomes)} failed)")
+    for col in ("configuration", "status", "test acc", "seconds"):
+        t.add_column(col)
+    rows = pd.read_csv(out, dtype={"config_hash": str}) if Path(out).exists() else pd.DataFrame()
+    for o in outcomes:
+        acc = "-"
+        if o.ok and not rows.empty:
+            match = rows[(rows["mech"] == o.cfg.mech) & (rows["seed"] == o.cfg.seed)
+                         & (rows["config_hash"] == o.cfg.hash(dataset_variant(o.cfg.dataset, o.cfg.data_dir)))]
+            if len(match):
+                acc = f"{100 * match['test_acc'].iloc[-1]:.2f} %"
+        t.add_row(_label(o.cfg), "[green]done" if o.ok else "[red]failed", acc, f"{o.seconds:.0f}")
+    console.print(t)

@@ -1,0 +1,92 @@
+"""Plot and report of a fixture CSV: the expected artists, and numbers equal to a pandas groupby."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+from typer.testing import CliRunner
+
+from dpbench.cli import app
+from dpbench.plots import plot_results
+from dpbench.report import build_report, paired_difference
+from dpbench.results import ALL_COLUMNS
+from dpbench.tables import load_published
+
+
+def fixture_csv(path) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for mech, base in (("dpsgd", 0.90), ("dpis", 0.93), ("nonprivate", 0.99)):
+        for eps in ((math.inf,) if mech == "nonprivate" else (1.0, 3.0, 8.0)):
+            for seed in (0, 1, 2):
+                acc = base - (0.05 / eps if math.isfinite(eps) else 0) + rng.normal(0, 0.005)
+                row = {c: "" for c in ALL_COLUMNS}
+                row.update(mech=mech, dataset="mnist", model="cnn_tanh", eps_target=eps, seed=seed,
+                           test_acc=acc, steps=100, epochs=1.0, config_hash=f"{mech}-{eps}",
+                           command=f"dpbench run --mech {mech} --eps {eps} --seed {seed}")
+                rows.append(row)
+    row = dict(rows[0], mech="dpsgd", eps_target=2.0, test_acc=0.08, config_hash="collapsed", seed=0)
+    rows.append(row)
+    df = pd.DataFrame(rows)
+    df.to_csv(path, index=False)
+    return pd.read_csv(path, dtype={"config_hash": str})
+
+
+def test_plot_has_a_line_with_error_bars_per_mechanism_and_the_control(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    fig = plot_results(df, published=load_published())
+    (ax,) = fig.axes
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert sorted(c.get_label() for c in bars) == ["dpis", "dpsgd"]
+    dpis = next(c for c in bars if c.get_label() == "dpis")
+    x, y = dpis.lines[0].get_data()
+    expected = df[df.mech == "dpis"].groupby("eps_target")["test_acc"].mean() * 100
+    np.testing.assert_allclose(np.asarray(x, dtype=float), expected.index.to_numpy(dtype=float))
+    np.testing.assert_allclose(np.asarray(y, dtype=float), expected.to_numpy(dtype=float))
+    assert dpis.has_yerr
+    control = [l for l in ax.get_lines() if l.get_label().startswith("non-private")]
+    assert len(control) == 1 and control[0].get_ydata()[0] == pytest.approx(100 * df[df.mech == "nonprivate"].test_acc.mean())
+    assert "eps" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+    legend_labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("published: dpsgd") for t in legend_labels)
+
+
+def test_plot_command_writes_png_and_svg(tmp_path):
+    fixture_csv(tmp_path / "r.csv")
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "r.csv"), "-o", str(tmp_path / "p.png"), "--log-eps"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "p.png").stat().st_size > 10_000 and (tmp_path / "p.svg").exists()
+
+
+def test_report_numbers_equal_a_pandas_groupby(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    text = build_report(df)
+    g = df.groupby(["mech", "eps_target", "config_hash"])["test_acc"].agg(["mean", "std", "count"])
+    for (mech, eps, _), r in g.iterrows():
+        if r["count"] > 1:
+            cell = f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+            assert cell in text, (mech, eps, cell)
+    # paired difference to dpsgd at eps 3
+    a = df[(df.mech == "dpis") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    b = df[(df.mech == "dpsgd") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    assert f"{100 * (a - b).mean():+.2f} (3 pairs)" in text
+    assert paired_difference(a.reset_index(), b.reset_index()) == pytest.approx(((a - b).mean(), 3))
+
+
+def test_report_flags_collapsed_runs_and_shows_published_and_commands(tmp_path):
+    text = build_report(fixture_csv(tmp_path / "r.csv"))
+    collapsed = next(line for line in text.splitlines() if line.startswith("| dpsgd | 2 |"))
+    assert "⚠" in collapsed
+    assert "96.82 (DPSUR CNN)" in text and "98.10 (end-to-end CNN)" in text
+    assert "`dpbench run --mech dpis --eps 3.0 --seed S` (S in {0, 1, 2})" in text
+    healthy = next(line for line in text.splitlines() if line.startswith("| dpis | 3 |"))
+    assert "⚠" not in healthy
+
+
+def test_plot_of_a_missing_file_is_a_clear_error(tmp_path):
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "none.csv")])
+    assert res.exit_code == 2 and "none.csv" in res.output

@@ -1,0 +1,90 @@
+"""Sweeps: grid expansion, skipping finished configurations, failures, and surviving SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpbench.errors import BadInput
+from dpbench.sweep import SweepSpec, expand, finished_keys, read_spec, run_sweep
+
+
+def test_grid_expansion_and_dedup_of_the_nonprivate_control():
+    spec = SweepSpec(grid={"mech": ["dpsgd", "nonprivate"], "dataset": ["synthetic"], "eps": [1, 2, 4],
+                           "seed": [0, 1]}, fixed={"epochs": 1})
+    configs = expand(spec)
+    assert len(configs) == 3 * 2 + 1 * 2  # nonprivate ignores eps
+    assert {c.mech for c in configs} == {"dpsgd", "nonprivate"}
+    assert all(c.epochs == 1 for c in configs)
+
+
+def test_star_means_every_registered_mechanism():
+    from dpbench.mechanisms import MECHANISMS
+
+    configs = expand(SweepSpec(grid={"mech": ["*"], "dataset": ["synthetic"], "eps": [3]}))
+    assert {c.mech for c in configs} == set(MECHANISMS.names())
+
+
+def test_recipe_overrides_apply_to_their_mechanism_only(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[grid]\nmech = ["dpsgd", "nonprivate"]\ndataset = ["synthetic"]\neps = [3]\n'
+                    '[fixed]\nepochs = 2\n[recipe.dpsgd]\nlr = 0.7\n')
+    by_mech = {c.mech: c for c in expand(read_spec(str(path)))}
+    assert by_mech["dpsgd"].lr == 0.7 and by_mech["nonprivate"].lr != 0.7
+    assert by_mech["dpsgd"].epochs == 2 == by_mech["nonprivate"].epochs
+
+
+def test_bad_spec_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[grid]\nmechs = ["dpsgd"]\n')
+    with pytest.raises(BadInput, match="mechs"):
+        read_spec(str(path))
+    with pytest.raises(BadInput, match="did you mean 'dpsgd'"):
+        expand(SweepSpec(grid={"mech": ["dpsdg"], "dataset": ["synthetic"]}))
+
+
+def test_failed_configuration_is_logged_and_the_others_run(tmp_path):
+    out = str(tmp_path / "r.csv")
+    spec = SweepSpec(grid={"mech": ["dpsgd"], "dataset": ["synthetic"], "eps": [2, 4]}, fixed={"steps": 2},
+                     recipe={})
+    good, other = expand(spec)
+    import dataclasses
+
+    bad = dataclasses.replace(other, batch_size=10**6)  # rejected by the run: batch larger than N
+    outcomes = run_sweep([bad, good], out, jobs=2)
+    assert [o.ok for o in outcomes if o.cfg is bad] == [False]
+    assert [o.ok for o in outcomes if o.cfg is good] == [True]
+    log = Path(out).with_suffix(".failures.log").read_text()
+    assert "--batch-size 1000000" in log and "reproduce: dpbench run" in log
+    assert len(pd.read_csv(out)) == 1
+    # a finished sweep re-run trains nothing
+    assert run_sweep([good], out) == []
+
+
+def test_killed_sweep_resumes_with_each_configuration_exactly_once(tmp_path):
+    out = tmp_path / "r.csv"
+    cmd = [sys.executable, "-m", "dpbench.cli", "sweep", "--mech", "dpsgd", "--dataset", "synthetic",
+           "--eps", "1,2,3", "--seeds", "0", "--epochs", "8", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(finished_keys(out)) < 1:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # mid-sweep: one row written, the next run in flight
+    proc.wait()
+    assert 1 <= len(finished_keys(out)) < 3
+    time.sleep(1.0)  # the in-flight child dies with its parent
+    rows_after_kill = len(pd.read_csv(out))
+    assert rows_after_kill == len(finished_keys(out))
+    resumed = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    df = pd.read_csv(out, dtype={"config_hash": str})
+    assert len(df) == 3 and df.groupby(["config_hash", "seed"]).size().max() == 1
+    assert sorted(df["eps_target"]) == [1.0, 2.0, 3.0]
