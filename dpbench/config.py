@@ -106,19 +106,28 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """A TOML file with the same keys as the flags (no dashes) and a ``[set]`` table."""
+def load_toml(path: str, what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a BadInput naming ``what`` and the path."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
-        raise BadInput(f"--config {path!r}: no such file") from None
+        raise BadInput(f"{what} {path!r}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"--config {path!r}: not valid TOML ({exc})") from None
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    if "set" in data:
-        data["mech_params"] = dict(data.pop("set"))
-    return data
+        raise BadInput(f"{what} {path!r}: not valid TOML ({exc})") from None
+
+
+def options_from_table(table: dict[str, Any]) -> dict[str, Any]:
+    """Flag names as keys (dashes allowed), mechanism parameters under ``set``."""
+    out = {k.replace("-", "_"): v for k, v in table.items() if k != "set"}
+    if "set" in table:
+        out["mech_params"] = dict(table["set"])
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A TOML file with the same keys as the flags and a ``[set]`` table."""
+    return options_from_table(load_toml(path, "--config"))
 
 
 def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfig:
@@ -141,7 +150,7 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
         mech = "nonprivate"  # --eps inf is the non-private control
     if mech == "nonprivate":
         eps = float("inf")
-    recipe = recipe_for(given["dataset"], mech).as_dict()
+    recipe = recipe_for(given["dataset"], mech, given.get("model")).as_dict()  # a model may have its own recipe
     recipe.pop("source")
     merged = {**recipe, **given, "mech": mech, "eps": eps, "mech_params": params}
     if "steps" in given and "epochs" not in given:

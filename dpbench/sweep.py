@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpbench.config import RunConfig, resolve
+from dpbench.config import RunConfig, load_toml, options_from_table, resolve
 from dpbench.data import dataset_variant
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
@@ -44,13 +43,7 @@ class SweepSpec:
 
 
 def read_spec(path: str) -> SweepSpec:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise BadInput(f"sweep spec {path!r}: no such file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"sweep spec {path!r}: not valid TOML ({exc})") from None
+    data = load_toml(path, "sweep spec")
     unknown = set(data) - {"grid", "fixed", "recipe"}
     if unknown:
         raise BadInput(f"sweep spec {path!r}: unknown table(s) {sorted(unknown)}; expected grid, fixed, recipe")
@@ -59,14 +52,6 @@ def read_spec(path: str) -> SweepSpec:
     if bad:
         raise BadInput(f"sweep spec {path!r}: unknown grid key(s) {sorted(bad)}; expected {', '.join(GRID_KEYS)}")
     return SweepSpec(grid, dict(data.get("fixed", {})), dict(data.get("recipe", {})))
-
-
-def _options(raw: dict[str, Any]) -> dict[str, Any]:
-    """Spec keys may use dashes like the flags; ``set`` holds mechanism parameters."""
-    out = {k.replace("-", "_"): v for k, v in raw.items() if k != "set"}
-    if "set" in raw:
-        out["mech_params"] = dict(raw["set"])
-    return out
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
@@ -88,11 +73,11 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
         "eps": spec.grid.get("eps", [3.0]),
         "seed": spec.grid.get("seed", [0]),
     }
-    fixed = _options(spec.fixed)
+    fixed = options_from_table(spec.fixed)
     configs: list[RunConfig] = []
     seen: set[tuple[str, int]] = set()
     for mech, dataset, model, eps, seed in itertools.product(*axes.values()):
-        opts = {**fixed, **_options(spec.recipe.get(mech, {}))}
+        opts = {**fixed, **options_from_table(spec.recipe.get(mech, {}))}
         params = {**fixed.get("mech_params", {}), **opts.get("mech_params", {})}
         opts.update(mech=mech, dataset=dataset, eps=float(eps), seed=int(seed), mech_params=params)
         if model is not None:
