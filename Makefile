@@ -10,7 +10,7 @@ ifneq ($(wildcard ../shared/data/mnist),)
 export DPBENCH_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: install test test-all run bench sweep-mnist sweep-fmnist plots report clean
+.PHONY: install test test-all run bench sweep-mnist sweep-fmnist sweep-cifar10 sweep-imdb plots report clean
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ sweep-mnist: install
 
 sweep-fmnist: install
 	$(VENV)/bin/dpbench sweep benchmarks/fmnist.toml $(SWEEP_FLAGS)
+
+sweep-cifar10: install
+	$(VENV)/bin/dpbench sweep benchmarks/cifar10.toml $(SWEEP_FLAGS)
+
+sweep-imdb: install
+	$(VENV)/bin/dpbench sweep benchmarks/imdb.toml $(SWEEP_FLAGS)
 
 plots: install
 	@for f in results/*/runs.csv; do $(VENV)/bin/dpbench plot $$f --published -o $${f%runs.csv}accuracy_vs_eps.png; done

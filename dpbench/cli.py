@@ -95,6 +95,7 @@ def account(
     mech: str = typer.Option(..., "--mech"),
     dataset: Optional[str] = typer.Option(None, help="dataset whose size N and recipe to use [default: mnist]"),
     n: Optional[int] = typer.Option(None, "--n", help="dataset size N (instead of --dataset)"),
+    model: Optional[str] = typer.Option(None, help="model whose recipe gives B, C and epochs [default: the dataset's]"),
     batch_size: Optional[int] = typer.Option(None, help="expected batch size B [default: recipe]"),
     clip: Optional[float] = typer.Option(None, help="clipping bound C [default: recipe] (changes eps only for modelmix)"),
     epochs: Optional[float] = typer.Option(None),
@@ -122,7 +123,7 @@ def account(
         size = n if n is not None else DATASETS.entry(ds).meta["train_size"]
         if size <= 0:
             raise BadInput(f"--n {size}: must be positive")
-        recipe = recipe_for(ds, mech) if n is None or dataset else None
+        recipe = recipe_for(ds, mech, model) if n is None or dataset else None
         b = batch_size or (recipe.batch_size if recipe else None)
         if b is None or not 0 < b <= size:
             raise BadInput(f"--batch-size {b}: must be in [1, N = {size}]")
@@ -136,7 +137,8 @@ def account(
         if t <= 0:
             raise BadInput(f"--steps {t}: must be positive")
         q = b / size
-        mechanism.bind(batch_size=b, clip=clip if clip is not None else (recipe.clip if recipe else None))
+        c = clip if clip is not None else (recipe.clip if recipe else None)
+        mechanism.bind(batch_size=b, clip=c)
         if sigma is not None:
             if not sigma > 0:
                 raise BadInput(f"--sigma {sigma}: must be positive")
@@ -149,16 +151,20 @@ def account(
     except BadInput as exc:
         raise fail(exc)
     payload = report.as_json()
-    payload.update({"n": size, "batch_size": b, "eps_target": "inf" if eps is not None and math.isinf(eps) else eps})
+    payload.update({"n": size, "batch_size": b, "clip": c,
+                    "eps_target": "inf" if eps is not None and math.isinf(eps) else eps})
     if as_json:
         typer.echo(json.dumps(payload))
         return
-    t_ = Table(title=f"{mech}: N={size}, B={b}, q={q:.4g}, T={report.steps}, delta={delta:g}", show_header=False)
+    t_ = Table(title=f"{mech}: N={size}, B={b}, C={_fmt(c)}, q={q:.4g}, T={report.steps}, delta={delta:g}",
+               show_header=False)
     t_.add_row("noise multiplier", _fmt(report.noise_multiplier))
     t_.add_row(f"eps ({report.accountant}, Opacus conversion)", f"{_fmt(report.eps)} at alpha {report.alpha:g}")
     t_.add_row("eps (classic conversion)", _fmt(report.eps_classic))
     t_.add_row("eps (sampled-Gaussian RDP)", _fmt(report.eps_rdp))
     t_.add_row("eps (PRV)", _fmt(report.eps_prv))
+    for key, value in report.extras.items():
+        t_.add_row(key, _fmt(value))
     out.print(t_)
 
 
@@ -264,6 +270,87 @@ def report(
         typer.echo(text)
 
 
+@app.command()
+def audit(
+    mech: str = typer.Option(..., "--mech", help="mechanism name (see 'dpbench ls mechanisms')"),
+    dataset: Optional[str] = typer.Option(None, help="dataset name [default: mnist]"),
+    eps: Optional[float] = typer.Option(None, help="claimed (target) epsilon; the run is calibrated to it"),
+    canaries: int = typer.Option(1000, help="number of canaries m, each included with probability 1/2"),
+    threat: str = typer.Option("white", help="white (gradient canaries) or black (label-flipped inputs)"),
+    train_size: Optional[int] = typer.Option(None, help="train on the first N records only (quicker audits)"),
+    model: Optional[str] = typer.Option(None, help="model name [default: from the recipe]"),
+    delta: Optional[float] = typer.Option(None, help="delta [default: 1e-5]"),
+    epochs: Optional[float] = typer.Option(None, help="nominal epochs [default: the recipe's]"),
+    steps: Optional[int] = typer.Option(None, help="number of steps T (overrides --epochs)"),
+    batch_size: Optional[int] = typer.Option(None, help="expected batch size B"),
+    physical_batch_size: Optional[int] = typer.Option(None, help="chunk size for memory; changes no result"),
+    lr: Optional[float] = typer.Option(None, help="learning rate"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adam"),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
+    clip: Optional[float] = typer.Option(None, help="clipping bound C"),
+    seed: Optional[int] = typer.Option(None, help="seed of the run and of the canaries [default: 0]"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cpu]"),
+    data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
+    out_csv: Optional[str] = typer.Option(None, "--out", help="audit CSV [default: results/audit.csv]"),
+    sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="allow delta >= 1/N"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """One-run privacy audit (Steinke et al. 2023): an empirical lower bound on eps, at 95% confidence."""
+    from dpbench.audit.runner import run_audit
+    from dpbench.config import parse_sets, resolve
+
+    options: dict[str, Any] = dict(
+        mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
+        batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, optimizer=optimizer,
+        momentum=momentum, clip=clip, seed=seed, device=device, data_dir=data_dir,
+        out=out_csv or "results/audit.csv", force=force or None)
+    try:
+        if eps is None and mech != "nonprivate":
+            raise BadInput("missing --eps: give the claimed epsilon (or inf for the non-private control)")
+        options["mech_params"] = parse_sets(sets)
+        cfg = resolve(options)
+        row = run_audit(cfg, canaries=canaries, threat=threat, train_size=train_size, show_progress=not quiet)
+    except BadInput as exc:
+        raise fail(exc)
+    _print_verdict(row, cfg.out)
+
+
+def _print_verdict(row: dict[str, Any], path: str) -> None:
+    bound, claimed = row["eps_lower_bound"], row["eps_claimed"]
+    out.print(f"[bold]{row['mech']}[/] on {row['dataset']}, {row['threat_model']}-box, m={row['m']}: "
+              f"claimed eps {_fmt(claimed)} (delta {row['delta']:g}, {row['accountant']}), "
+              f"measured lower bound [bold]{bound:.3f}[/] at {100 * row['confidence']:.0f}% confidence "
+              f"({row['correct']}/{row['k']} correct guesses), AUROC {row['auroc']:.3f}, "
+              f"TPR@FPR0.01 {row['tpr_at_fpr_0.01']:.3f}, test acc {100 * row['test_acc']:.1f}%, "
+              f"{row['wall_s']:.0f} s", highlight=False, soft_wrap=True)
+    if row["exceeds_claim"]:
+        out.print(f"[bold red]WARNING: the lower bound {bound:.3f} EXCEEDS the claimed eps {_fmt(claimed)}: "
+                  "the mechanism or its accountant is not as private as claimed (or this is a 5% false alarm; "
+                  "rerun with other seeds)[/]", highlight=False, soft_wrap=True)
+    else:
+        out.print("[green]consistent with the claim[/] (an audit can only refute a claim, never prove it)",
+                  highlight=False)
+    out.print(f"row appended to {path}; scores {row['scores_file']}, ROC {row['roc_file']} beside it",
+              highlight=False, soft_wrap=True)
+
+
+def _parameter_count(model: str, meta: dict[str, Any]) -> str:
+    """Trainable parameters of ``model`` built for its first dataset's inputs (``*``: MNIST)."""
+    from dpbench.data import DATASETS
+    from dpbench.data.features import model_input_shape
+    from dpbench.models import build_model, count_parameters
+
+    dataset = next((d for d in meta.get("datasets", ()) if d in DATASETS), "mnist")
+    dmeta = DATASETS.entry(dataset).meta
+    # datasets registered without an input_shape are the 28x28 grey-scale image sets
+    try:
+        shape = model_input_shape(model, tuple(dmeta.get("input_shape", (1, 28, 28))))
+        return f"{count_parameters(build_model(model, shape, dmeta.get('num_classes', 10))):,}"
+    except Exception:  # a plugin model that cannot be built without its data: show no count
+        return "-"
+
+
 @app.command("ls")
 def list_entries(what: str = typer.Argument("mechanisms", help="mechanisms, datasets or models"),
                  pattern: str = typer.Option("*", help="shell-style filter, e.g. '*cnn*'")) -> None:
@@ -291,11 +378,14 @@ def list_entries(what: str = typer.Argument("mechanisms", help="mechanisms, data
         else:
             extra = "train size" if what == "datasets" else "datasets"
             t.add_column(extra)
+            if what == "models":
+                t.add_column("parameters", justify="right")
             t.add_column("description")
             for name in registry.names(pattern):
                 meta = registry.entry(name).meta
                 value = meta.get("train_size") if what == "datasets" else ", ".join(meta.get("datasets", ()))
-                t.add_row(name, str(value), meta.get("summary", ""))
+                counts = [_parameter_count(name, meta)] if what == "models" else []
+                t.add_row(name, str(value), *counts, meta.get("summary", ""))
     except BadInput as exc:
         raise fail(exc)
     out.print(t)

@@ -164,24 +164,22 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     return RunConfig(**merged)
 
 
-def validate(cfg: RunConfig, n: int) -> None:
-    """Reject bad values before anything is trained or written (exit 2, value named)."""
-    if cfg.mech != "nonprivate" and (math.isnan(cfg.eps) or cfg.eps <= 0):
+def validate_options(cfg: RunConfig) -> None:
+    """Reject bad values that need no data (checked before any dataset is loaded or downloaded)."""
+    if cfg.mech != "nonprivate" and math.isnan(cfg.eps):
+        raise BadInput("missing or invalid --eps: give a positive number (or inf for the non-private control)")
+    if cfg.mech != "nonprivate" and cfg.eps <= 0:
         raise BadInput(f"--eps {cfg.eps}: must be a positive number (or inf)")
     if not (0.0 < cfg.delta < 1.0) or math.isnan(cfg.delta):
         raise BadInput(f"--delta {cfg.delta}: must be in (0, 1)")
-    if cfg.delta >= 1.0 / n and not cfg.force:
-        raise BadInput(f"--delta {cfg.delta}: must be below 1/N = {1.0 / n:.3g} for N = {n} (use --force to override)")
-    if not (isinstance(cfg.batch_size, int) and 0 < cfg.batch_size <= n):
-        raise BadInput(f"--batch-size {cfg.batch_size}: must be in [1, N = {n}]")
+    if not (isinstance(cfg.batch_size, int) and cfg.batch_size > 0):
+        raise BadInput(f"--batch-size {cfg.batch_size}: must be a positive integer")
     if cfg.physical_batch_size is not None and cfg.physical_batch_size <= 0:
         raise BadInput(f"--physical-batch-size {cfg.physical_batch_size}: must be positive")
     if cfg.steps is not None and cfg.steps <= 0:
         raise BadInput(f"--steps {cfg.steps}: must be positive")
     if cfg.steps is None and (cfg.epochs is None or not cfg.epochs > 0):
         raise BadInput(f"--epochs {cfg.epochs}: must be positive")
-    if cfg.num_steps(n) < 1:
-        raise BadInput(f"--epochs {cfg.epochs}: gives no step with batch {cfg.batch_size} and N = {n}")
     if not cfg.lr > 0:
         raise BadInput(f"--lr {cfg.lr}: must be positive")
     if not cfg.clip > 0:
@@ -190,6 +188,17 @@ def validate(cfg: RunConfig, n: int) -> None:
         raise BadInput(f"--momentum {cfg.momentum}: must be in [0, 1)")
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInput(f"--optimizer {cfg.optimizer!r}: must be sgd or adam")
+
+
+def validate(cfg: RunConfig, n: int) -> None:
+    """Reject bad values before anything is trained or written (exit 2, value named)."""
+    validate_options(cfg)
+    if cfg.delta >= 1.0 / n and not cfg.force:
+        raise BadInput(f"--delta {cfg.delta}: must be below 1/N = {1.0 / n:.3g} for N = {n} (use --force to override)")
+    if cfg.batch_size > n:
+        raise BadInput(f"--batch-size {cfg.batch_size}: must be in [1, N = {n}]")
+    if cfg.num_steps(n) < 1:
+        raise BadInput(f"--epochs {cfg.epochs}: gives no step with batch {cfg.batch_size} and N = {n}")
 
 
 def check_writable(out: str) -> None:

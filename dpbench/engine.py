@@ -30,8 +30,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from dpbench.checkpoint import Checkpointer, checkpoint_path
-from dpbench.config import RunConfig, check_writable, validate
+from dpbench.config import RunConfig, check_writable, validate, validate_options
 from dpbench.data import DatasetBundle, load_dataset
+from dpbench.data.features import prepare_for_model
 from dpbench.environment import LoadMeter, environment
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
@@ -68,6 +69,24 @@ def make_generator(seed: int, purpose: str, device: torch.device, secure: bool) 
     g = torch.Generator(device=device)
     g.manual_seed(secrets.randbits(63) if secure else derive_seed(seed, purpose))
     return g
+
+
+def physical_batch_size(cfg: RunConfig) -> int:
+    """``--physical-batch-size``, else the model's declared default (small for text models), at most B."""
+    default = MODELS.entry(cfg.model).meta.get("physical_batch_size", DEFAULT_PHYSICAL_BATCH)
+    return cfg.physical_batch_size or min(cfg.batch_size, default)
+
+
+def _average_augmentations(params: list[torch.Tensor], copies: int) -> None:
+    """Per-sample gradients of K adjacent augmented copies -> their mean, one row per example.
+
+    Done before clipping, so every example still contributes exactly one per-sample gradient and
+    the privacy analysis is that of the un-augmented run (De et al. 2022).
+    """
+    for p in params:
+        grad_sample = getattr(p, "grad_sample", None)
+        if grad_sample is not None:
+            p.grad_sample = grad_sample.view(-1, copies, *grad_sample.shape[1:]).mean(1)
 
 
 @dataclass
@@ -138,7 +157,16 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
         on_optimizer(optimizer)
     sampling = generator("sampling", torch.device("cpu"))
     x, y = data.train_x.to(device), data.train_y.to(device)
-    physical = cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH)
+    physical = physical_batch_size(cfg)
+    augment, copies = data.train_transform, max(1, data.augmentations)
+    augmenter = generator("augmentation") if augment is not None else None
+
+    def inputs(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's inputs and labels; with augmentation, K augmented copies of each example, adjacent."""
+        if augment is None:
+            return x[c], y[c]
+        return augment(x[c].repeat_interleave(copies, 0), augmenter), y[c].repeat_interleave(copies)
+
     criterion = nn.CrossEntropyLoss()
     ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, train_x=x, train_y=y, criterion=criterion,
                        noise_multiplier=noise_multiplier, sample_rate=q, steps=steps, physical_batch_size=physical,
@@ -184,8 +212,11 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                 else:
                     chunks_to_run = chunks
                 for j, c in enumerate(chunks_to_run):
-                    loss = criterion(model(x[c]), y[c])
+                    xc, yc = inputs(c)
+                    loss = criterion(model(xc), yc)
                     loss.backward()
+                    if copies > 1:
+                        _average_augmentations(optimizer.params, copies)
                     step_loss += float(loss.detach()) * len(c)
                     if j < len(chunks_to_run) - 1:
                         optimizer.signal_skip_step(do_skip=True)
@@ -195,7 +226,8 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                 optimizer.zero_grad(set_to_none=True)
                 for c in chunks:
                     # sum of per-sample losses over the expected batch size, as the private path scales
-                    loss = nn.functional.cross_entropy(model(x[c]), y[c], reduction="sum") / cfg.batch_size
+                    xc, yc = inputs(c)
+                    loss = nn.functional.cross_entropy(model(xc), yc, reduction="sum") / (cfg.batch_size * copies)
                     loss.backward()
                     step_loss += float(loss.detach()) * cfg.batch_size
                 optimizer.step()
@@ -231,11 +263,14 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
     device = resolve_device(cfg.device)
     mech = get_mechanism(cfg.mech)(**cfg.mech_params)
     MODELS.entry(cfg.model)
+    validate_options(cfg)  # cheap checks first: a typo never waits for (or triggers) a download
+    check_writable(cfg.out)
+    check_compatible(Path(cfg.out))
     data = load_dataset(cfg.dataset, cfg.data_dir)
     n = data.train_size
     validate(cfg, n)
-    check_writable(cfg.out)
-    check_compatible(Path(cfg.out))
+    # models that train on fixed features (ScatterNet) get them here, computed once and cached
+    data = prepare_for_model(data, cfg.model, device)
     q, steps = cfg.sample_rate(n), cfg.num_steps(n)
 
     mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
@@ -265,7 +300,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         "git_commit": env["git_commit"], "torch_version": env["torch_version"],
         "opacus_version": env["opacus_version"], "eps_classic": privacy.eps_classic,
         "optimizer": cfg.optimizer, "momentum": cfg.momentum,
-        "physical_batch_size": cfg.physical_batch_size or min(cfg.batch_size, DEFAULT_PHYSICAL_BATCH),
+        "physical_batch_size": physical_batch_size(cfg),
         "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": cfg.command(),
     }
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,

@@ -140,7 +140,8 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
         console.print("nothing to train")
         return []
     slots = devices or ["cpu"] * max(1, jobs)
-    threads_each = max(1, (os.cpu_count() or 1) // len(slots))
+    # the cores are shared out between workers unless the caller fixed the thread count
+    threads_each = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // len(slots))
     failures = Path(out).with_suffix(".failures.log")
     work: queue.Queue[RunConfig] = queue.Queue()
     for c in todo:

@@ -144,6 +144,26 @@ def test_bad_input_exits_2_names_the_value_and_writes_nothing(args, named):
     assert not Path("results").exists()
 
 
+@pytest.mark.parametrize("args,named", [
+    (["--eps", "0"], "--eps 0"), (["--eps", "3", "--lr", "-1"], "--lr -1"), ([], "missing or invalid --eps"),
+    (["--eps", "3", "--out", "/proc/nope/r.csv"], "--out /proc/nope/r.csv"),
+])
+def test_bad_values_are_named_before_any_data_is_looked_for(tmp_path, args, named):
+    # MNIST is absent here: the error must be about the bad value, not about the missing data
+    res = invoke("run", "--mech", "dpsgd", *args, "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"))
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert named in text and "not found" not in text, text
+
+
+def test_account_with_a_model_uses_that_models_recipe():
+    res = invoke("account", "--mech", "modelmix", "--dataset", "cifar10", "--model", "resnet20_gn", "--sigma", "1",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output)
+    assert payload["batch_size"] == 1500 and payload["clip"] == 20.0
+
+
 def test_delta_above_one_over_n_is_allowed_with_force():
     assert invoke("run", "--mech", "dpsgd", "--eps", "3", "--delta", "0.01", "--force", *QUICK).exit_code == 0
 

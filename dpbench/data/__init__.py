@@ -10,6 +10,7 @@ from dpbench.registry import Registry
 DATASETS: Registry[Any] = Registry("dataset")
 
 from dpbench.data import mnist, synthetic  # noqa: E402,F401  (registers the built-ins)
+from dpbench.data import cifar10, imdb  # noqa: E402,F401
 
 
 def dataset_variant(name: str, data_dir: str | None = None) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+#: ``(batch, generator) -> batch``: a random, per-row transform of training inputs (augmentation).
+TrainTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -20,6 +25,15 @@ class DatasetBundle:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # Optional training-time augmentation, applied by the engine to each physical batch. With
+    # ``augmentations`` = K > 1 every sampled example is augmented K times and its K gradients are
+    # averaged before clipping, so each example still contributes one per-sample gradient (De et al.
+    # 2022, "augmentation multiplicity"): the privacy analysis is unchanged, the compute is K times.
+    train_transform: TrainTransform | None = None
+    augmentations: int = 1
+    # (per-channel mean, per-channel std) the loader applied to pixels in [0, 1], when it did; lets
+    # feature extractors that expect another input convention undo it
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def train_size(self) -> int:
@@ -39,3 +53,19 @@ def offline_roots(data_dir: str | None) -> list[Path]:
     """Folders laid out like the offline data copy: ``--data-dir`` first, then ``$DPBENCH_DATA``."""
     roots = [data_dir, os.environ.get("DPBENCH_DATA")]
     return [Path(r).expanduser() for r in roots if r]
+
+
+def validation_split(bundle: DatasetBundle, holdout: int) -> DatasetBundle:
+    """Train on the first ``N - holdout`` training records and evaluate on the last ``holdout`` of them.
+
+    For tuning hyperparameters without touching the test split. The split is fixed (not random), so
+    every mechanism tunes on the same records.
+    """
+    if not 0 < holdout < bundle.train_size:
+        raise ValueError(f"holdout {holdout} must be in (0, {bundle.train_size})")
+    keep = bundle.train_size - holdout
+    return dataclasses.replace(
+        bundle, name=f"{bundle.name}_val", variant=f"{bundle.variant}-val{holdout // 1000}k",
+        train_x=bundle.train_x[:keep], train_y=bundle.train_y[:keep],
+        test_x=bundle.train_x[keep:], test_y=bundle.train_y[keep:])
+

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,9 +19,11 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, cache_dir, offline_roots
+from dpbench.data.base import DatasetBundle, cache_dir, offline_roots, validation_split
 from dpbench.errors import BadInput
 
+#: Training records held out as the validation split of ``mnist_val`` / ``fmnist_val``.
+VALIDATION_HOLDOUT = 10_000
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -38,10 +41,13 @@ def _prepare_offline(cls: type, sources: list[Path]) -> Path:
     if not all((raw / name).exists() for name in IDX_FILES):
         raw.mkdir(parents=True, exist_ok=True)
         for src, name in zip(sources, IDX_FILES):
-            tmp = raw / (name + ".tmp")
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            # a name of its own for every writer: sweep jobs that start together on a fresh cache
+            # decompress the same files at once, and a shared temporary name lets one move the
+            # other's half-written file into place
+            fd, tmp_name = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=raw)
+            with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
-            tmp.replace(raw / name)
+            Path(tmp_name).replace(raw / name)
     return root
 
 
@@ -79,7 +85,8 @@ def _load(name: str, cls: type, subdir: str, mean: float, std: float, data_dir: 
 
     train_x, train_y = tensors(True)
     test_x, test_y = tensors(False)
-    return DatasetBundle(name, name, train_x, train_y, test_x, test_y, num_classes=10)
+    return DatasetBundle(name, name, train_x, train_y, test_x, test_y, num_classes=10,
+                         normalisation=((mean,), (std,)))
 
 
 @DATASETS.register("mnist", train_size=60000, num_classes=10, summary="MNIST digits, 28x28 grey, 60k/10k (LeCun et al.)")
@@ -90,3 +97,17 @@ def load_mnist(data_dir: str | None = None) -> DatasetBundle:
 @DATASETS.register("fmnist", train_size=60000, num_classes=10, summary="Fashion-MNIST, 28x28 grey, 60k/10k (Xiao et al. 2017)")
 def load_fmnist(data_dir: str | None = None) -> DatasetBundle:
     return _load("fmnist", torchvision.datasets.FashionMNIST, "fmnist", 0.2860, 0.3530, data_dir)
+
+
+# Validation splits for tuning: the test split stays untouched until the final runs.
+@DATASETS.register("mnist_val", train_size=50000, num_classes=10, variant="mnist-val10k",
+                   summary="MNIST for tuning: train on the first 50k training images, evaluate on the last 10k")
+def load_mnist_val(data_dir: str | None = None) -> DatasetBundle:
+    return validation_split(load_mnist(data_dir), VALIDATION_HOLDOUT)
+
+
+@DATASETS.register("fmnist_val", train_size=50000, num_classes=10, variant="fmnist-val10k",
+                   summary="Fashion-MNIST for tuning: train on the first 50k training images, evaluate on the last 10k")
+def load_fmnist_val(data_dir: str | None = None) -> DatasetBundle:
+    return validation_split(load_fmnist(data_dir), VALIDATION_HOLDOUT)
+

@@ -10,6 +10,10 @@ from dpbench.registry import Registry
 MECHANISMS: Registry[Any] = Registry("mechanism", entry_point_group="dpbench.mechanisms")
 
 from dpbench.mechanisms import dpsgd, nonprivate  # noqa: E402,F401  (registers the built-ins)
+from dpbench.mechanisms import rs, scaling  # noqa: E402,F401  (auto_s, psac, psasc, rs)
+from dpbench.mechanisms import modelmix  # noqa: E402,F401
+from dpbench.mechanisms import dpis  # noqa: E402,F401
+from dpbench.mechanisms import ged  # noqa: E402,F401
 
 
 def get_mechanism(name: str) -> Any:

@@ -144,6 +144,10 @@ class Mechanism:
         """(orders, total RDP) of ``steps`` steps at expected rate ``q``."""
         return self.sgm_orders, sgm_rdp(self.sample_rate(q), noise_multiplier, steps, self.sgm_orders)
 
+    def privacy_extras(self, noise_multiplier: float, q: float, steps: int, delta: float) -> dict[str, Any]:
+        """Further values an accountant reports beside ``eps`` (JSON-ready); none by default."""
+        return {}
+
     # -- 1. sampling ------------------------------------------------------------------------
     def make_sampler(self, num_samples: int, q: float, steps: int,
                      generator: torch.Generator) -> Iterable[list[int]]:

@@ -11,6 +11,7 @@ from dpbench.registry import Registry
 MODELS: Registry[Any] = Registry("model")
 
 from dpbench.models import cnn, linear  # noqa: E402,F401  (registers the built-ins)
+from dpbench.models import cifar, scatter, text  # noqa: E402,F401
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dpbench.errors import BadInput
@@ -37,11 +37,15 @@ class PrivacyReport:
     eps_rdp: float | None  # plain sampled-Gaussian RDP for the same noise, rate and steps
     eps_prv: float | None  # Opacus PRV, where the mechanism is a sampled Gaussian
     alpha: float  # order at which ``eps`` is attained
+    #: accountant-specific values shown beside eps (``Mechanism.privacy_extras``), e.g. GED's z_eq
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        """A JSON-ready dict; infinite values are written as the string ``"inf"``."""
+        """A JSON-ready dict (extras at the top level); infinite values are written as the string ``"inf"``."""
         out: dict[str, Any] = {}
-        for k, v in asdict(self).items():
+        fields = asdict(self)
+        extras = fields.pop("extras")
+        for k, v in {**fields, **extras}.items():
             if isinstance(v, float) and math.isinf(v):
                 v = "inf"
             elif isinstance(v, float) and math.isnan(v):
@@ -81,8 +85,9 @@ def account(mech: "Mechanism", noise_multiplier: float, q: float, steps: int, de
     else:
         eps_rdp, _ = eps_opacus(mech.sgm_orders, sgm_rdp(q, noise_multiplier, steps, mech.sgm_orders), delta)
     eps_prv = sgm_prv_eps(noise_multiplier, rate, steps, delta) if (with_prv and mech.prv_applies) else None
+    extras = mech.privacy_extras(noise_multiplier, q, steps, delta)
     return PrivacyReport(mech.name, mech.accountant, noise_multiplier, rate, steps, delta,
-                         eps, classic, eps_rdp, eps_prv, alpha)
+                         eps, classic, eps_rdp, eps_prv, alpha, extras)
 
 
 def calibrate(mech: "Mechanism", target_eps: float, q: float, steps: int, delta: float,

@@ -1,0 +1,251 @@
+"""Per-sample *scaling* in place of clipping: Auto-S, DP-PSAC, and DP-PSASC as we reconstruct it.
+
+All three replace DP-SGD's clip factor ``min(1, C/x)`` (``x`` the norm of one sample's gradient,
+over all parameters) by a weight ``w(x)``, then add Gaussian noise of the constant std ``sigma C`` to
+the sum and divide by the expected batch size:
+
+- ``auto_s``: Bu, Wang, Zha, Karypis, "Automatic Clipping: Differentially Private Deep Learning Made
+  Easier and Stronger" (NeurIPS 2023, arXiv 2206.07136): ``w(x) = C / (x + gamma)``, gamma = 0.01.
+  NSGD (Yang et al., arXiv 2206.13033) is the same weight with C = 1, gamma = r.
+- ``psac``: Xia, Shen, Yao, Fu, Xu, Xu, Fu, "Differentially Private Learning with Per-Sample Adaptive
+  Clipping" (AAAI 2023, arXiv 2212.00328): ``w(x) = C / (x + r / (x + r))``; the weight is not
+  monotone (it peaks at ``x* = sqrt(r) - r`` for r < 1), so near-zero gradients keep about their raw
+  size instead of being blown up by ``C/gamma`` as under Auto-S.
+- ``psasc``: Huang et al., "Enhancing DP-SGD through Non-monotonous Adaptive Scaling Gradient Weight"
+  (arXiv 2411.03059). Only the paper's abstract could be consulted, so this is an abstract-level
+  reconstruction, not a verified reproduction: a non-monotone per-sample weight (PSAC's by default,
+  another with ``--set weight=...``) plus momentum as an exponential moving average of the
+  *privatised* gradient, ``v <- beta v + (1 - beta) u`` with ``v_0 = 0`` and no bias correction
+  (variant A of the spec, which is post-processing and so leaves the accounting unchanged). The
+  paper's own weight function is unknown here; it drops in as one more entry of :data:`WEIGHTS`.
+
+Privacy: the release is a sampled Gaussian with sensitivity ``sup_x x w(x)``, so DP-SGD's accounting
+with noise ``sigma C`` holds iff that supremum is at most C. :func:`check_sensitivity` verifies this
+numerically for the chosen weight when a mechanism is built and again for the actual C when its
+optimizer is built. The noise std never depends on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from dpbench.errors import BadInput
+from dpbench.mechanisms import MECHANISMS
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param
+from dpbench.registry import did_you_mean
+
+#: ``w(norms, C, params) -> weights``: one weight per sample, from its gradient norm.
+WeightFn = Callable[[torch.Tensor, float, Mapping[str, Any]], torch.Tensor]
+
+
+def auto_s_weight(norm: torch.Tensor, clip: float, gamma: float) -> torch.Tensor:
+    """Auto-S (Bu et al.): ``C / (x + gamma)``; monotone decreasing, ``C/gamma`` at x = 0."""
+    return clip / (norm + gamma)
+
+
+def psac_weight(norm: torch.Tensor, clip: float, r: float) -> torch.Tensor:
+    """DP-PSAC (Xia et al.): ``C / (x + r / (x + r))``; ``C`` at x = 0, peak at ``sqrt(r) - r``."""
+    # The parentheses matter: ``x + r/x + r`` is a published misreading that blows up at x -> 0.
+    return clip / (norm + r / (norm + r))
+
+
+def clip_weight(norm: torch.Tensor, clip: float) -> torch.Tensor:
+    """DP-SGD's clip factor ``min(1, C/x)``, so that PSASC's momentum can be ablated on plain clipping."""
+    return torch.clamp(clip / norm, max=1.0)
+
+
+#: Weight functions selectable with ``--set weight=NAME`` (PSASC). The paper's own w_PSASC goes here.
+WEIGHTS: dict[str, WeightFn] = {
+    "auto_s": lambda norm, clip, p: auto_s_weight(norm, clip, p["gamma"]),
+    "psac": lambda norm, clip, p: psac_weight(norm, clip, p["r"]),
+    "clip": lambda norm, clip, p: clip_weight(norm, clip),
+}
+
+#: Where the sensitivity check looks: a log grid over 14 decades, plus 0 and two far points for x -> inf.
+SENSITIVITY_GRID = torch.cat([torch.zeros(1, dtype=torch.float64),
+                              torch.logspace(-8, 6, 14 * 200 + 1, dtype=torch.float64),
+                              torch.tensor([1e12, 1e100], dtype=torch.float64)])
+
+#: Relative slack for float64 rounding in the check; far below anything that changes eps.
+SENSITIVITY_RTOL = 1e-12
+
+
+def max_scaled_norm(weight: WeightFn, clip: float, params: Mapping[str, Any]) -> float:
+    """``max |x w(x)|`` over :data:`SENSITIVITY_GRID`; NaN when a weight is not finite there."""
+    weights = weight(SENSITIVITY_GRID, clip, params)
+    if not bool(torch.isfinite(weights).all()):
+        return float("nan")
+    return float((SENSITIVITY_GRID * weights).abs().max())
+
+
+def check_sensitivity(weight_name: str, clip: float, params: Mapping[str, Any]) -> float:
+    """The numerical ``sup x w(x)``; a BadInput unless it is at most C (DP-SGD's accounting needs that)."""
+    sup = max_scaled_norm(WEIGHTS[weight_name], clip, params)
+    if not sup <= clip * (1 + SENSITIVITY_RTOL):
+        raise BadInput(f"weight {weight_name!r} with {dict(params)} and C = {clip:g}: sup x*w(x) = {sup:g} "
+                       f"exceeds C (or is not finite), so sigma*C noise would not cover it")
+    return sup
+
+
+#: Per-parameter norms below this are recomputed in float64 (float32 squares underflow near 1e-19).
+TINY_NORM = 1e-10
+
+
+def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+    """Global per-sample gradient norms (over all parameters), in float64.
+
+    Computed in the gradients' dtype, as Opacus does, except rows too small or not finite there: a float32
+    norm of a nonzero gradient of size 1e-25 is 0, and a weight like C/(x + gamma) with a tiny gamma would
+    then scale that gradient far beyond C. Redoing only those rows keeps the memory of Opacus' clipping.
+    """
+    device = grad_samples[0].device
+    flat = [g.reshape(len(g), -1) for g in grad_samples]
+    norms = torch.stack([g.norm(2, dim=-1).to(device, torch.float64) for g in flat], dim=1)
+    redo = ~(norms >= TINY_NORM) | ~torch.isfinite(norms)
+    if bool(redo.any()):
+        for j, g in enumerate(flat):
+            rows = redo[:, j]
+            if bool(rows.any()):
+                norms[rows, j] = g[rows.to(g.device)].to(torch.float64).norm(2, dim=-1).to(device)
+    return norms.norm(2, dim=1)
+
+
+class ScalingOptimizer(DPBenchOptimizer):
+    """Opacus' DPOptimizer with ``w(||g_i||) g_i`` in place of clipping, and an optional EMA of the update.
+
+    The noise (Opacus' ``add_noise``: std ``noise_multiplier * max_grad_norm``) is untouched.
+    """
+
+    #: Per-sample weights from per-sample norms; set by the mechanism right after construction.
+    per_sample_weight: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: beta of ``v <- beta v + (1 - beta) u`` on the privatised gradient u; None for no momentum.
+    ema_beta: float | None = None
+
+    def clip_and_accumulate(self) -> None:
+        if self.per_sample_weight is None:
+            raise RuntimeError("ScalingOptimizer used without a per-sample weight")
+        flat = self.grad_samples
+        if len(flat[0]) == 0:  # an empty Poisson batch: nothing to scale, the noise still goes out
+            weights = torch.zeros((0,), device=flat[0].device, dtype=torch.float64)
+        else:
+            # Weights in float64, the precision check_sensitivity verified: in float32 a small r underflows
+            # to 0 (PSAC's r/(x + r) is then 0/0 at x = 0) and a large one overflows.
+            weights = self.per_sample_weight(per_sample_norms(flat))
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            # A weight beyond the parameters' dtype (Auto-S's C/gamma at x = 0 for a tiny gamma) would be inf,
+            # and inf * 0 = NaN would leak whether some sample's gradient is zero. Lowering a weight never
+            # raises x w(x), so saturating it keeps the sensitivity within C.
+            factor = weights.clamp(max=torch.finfo(p.dtype).max).to(device=grad_sample.device, dtype=p.dtype)
+            contribution = torch.einsum("i,i...", factor, grad_sample)
+            p.summed_grad = contribution if p.summed_grad is None else p.summed_grad + contribution
+            _mark_as_processed(p.grad_sample)
+
+    def scale_grad(self) -> None:
+        super().scale_grad()
+        if self.ema_beta is None:
+            return
+        for p in self.params:
+            # Kept apart from SGD's own "momentum_buffer" so a --momentum on top stays distinguishable.
+            state = self.original_optimizer.state[p]
+            if "privatised_ema" not in state:
+                state["privatised_ema"] = torch.zeros_like(p.grad)
+            ema = state["privatised_ema"]
+            ema.mul_(self.ema_beta).add_(p.grad, alpha=1.0 - self.ema_beta)
+            p.grad.copy_(ema)
+
+
+class ScalingMechanism(Mechanism):
+    """Shared by the scaling family: DP-SGD with a weight function in place of clipping."""
+
+    optimizer_class = ScalingOptimizer
+    #: The entry of :data:`WEIGHTS` used when the mechanism has no ``weight`` parameter.
+    default_weight: ClassVar[str] = "psac"
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._check_params()
+        # Fails fast on a bad --set at C = 1; make_optimizer checks again at the run's real C.
+        check_sensitivity(self.weight_name, 1.0, self.params)
+
+    @property
+    def weight_name(self) -> str:
+        return self.params.get("weight", self.default_weight)
+
+    @property
+    def momentum_beta(self) -> float | None:
+        return self.params.get("beta")
+
+    def _check_params(self) -> None:
+        if self.weight_name not in WEIGHTS:
+            hint = did_you_mean(self.weight_name, list(WEIGHTS))
+            raise BadInput(f"--set weight={self.weight_name}: unknown weight{hint}; known: {', '.join(WEIGHTS)}")
+        for key in ("gamma", "r"):
+            # inf is a legal --set value, but gamma = inf scales every gradient to 0 and r = inf gives NaN.
+            if key in self.params and not (self.params[key] > 0 and math.isfinite(self.params[key])):
+                raise BadInput(f"--set {key}={self.params[key]}: must be a finite number > 0")
+        beta = self.momentum_beta
+        if beta is not None and not 0.0 <= beta < 1.0:
+            raise BadInput(f"--set beta={beta}: must be in [0, 1)")
+
+    def weight(self, norm: torch.Tensor, clip: float) -> torch.Tensor:
+        """Per-sample weights for per-sample gradient norms under sensitivity bound ``clip``."""
+        return WEIGHTS[self.weight_name](norm, clip, self.params)
+
+    def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                       max_grad_norm: float, expected_batch_size: int,
+                       generator: torch.Generator | None) -> torch.optim.Optimizer:
+        check_sensitivity(self.weight_name, max_grad_norm, self.params)
+        opt = super().make_optimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                     expected_batch_size=expected_batch_size, generator=generator)
+        opt.per_sample_weight = lambda norm: self.weight(norm, max_grad_norm)
+        opt.ema_beta = self.momentum_beta
+        return opt
+
+
+@MECHANISMS.register("auto_s")
+class AutoS(ScalingMechanism):
+    """Auto-S (Bu et al., NeurIPS 2023): ``w(x) = C/(x + gamma)``; C = 1 with the learning rate tuned."""
+
+    name = "auto_s"
+    summary = "Auto-S (Bu et al. 2023): scale each gradient by C/(||g||+gamma) instead of clipping"
+    default_weight = "auto_s"
+    param_specs = (Param("gamma", float, 0.01, "stability constant of C/(||g|| + gamma)"),)
+
+
+@MECHANISMS.register("psac")
+class PSAC(ScalingMechanism):
+    """DP-PSAC (Xia et al., AAAI 2023): ``w(x) = C/(x + r/(x + r))``, a non-monotone weight."""
+
+    name = "psac"
+    summary = "DP-PSAC (Xia et al. 2023): non-monotone per-sample scaling C/(||g|| + r/(||g||+r))"
+    default_weight = "psac"
+    # Unverified against the paper's tables: the spec recalls r in {0.1, 0.01}.
+    param_specs = (Param("r", float, 0.1, "PSAC's r in C/(||g|| + r/(||g|| + r))"),)
+
+
+@MECHANISMS.register("psasc")
+class PSASC(ScalingMechanism):
+    """DP-PSASC (Huang et al., arXiv 2411.03059), abstract-level reconstruction.
+
+    The paper's body could not be consulted, so neither its weight function nor its momentum form is
+    verified. What runs: a non-monotone per-sample weight (PSAC's by default; ``--set weight=auto_s`` or
+    ``clip`` for ablations) and an EMA with dampening ``1 - beta`` on the privatised, batch-averaged
+    gradient (post-processing: eps is DP-SGD's). It is ``psac`` plus that momentum, nothing more.
+    """
+
+    name = "psasc"
+    summary = "DP-PSASC (Huang et al. 2024): non-monotone per-sample scaling + momentum on the noisy gradient"
+    caveat = ("DP-PSASC (abstract-level reconstruction; the paper's weight function unverified): "
+              "PSAC's weight by default plus an EMA (1 - beta) of the privatised gradient")
+    param_specs = (
+        Param("weight", str, "psac", f"per-sample weight, one of {', '.join(WEIGHTS)}"),
+        Param("r", float, 0.1, "r of the psac weight"),
+        Param("gamma", float, 0.01, "gamma of the auto_s weight"),
+        Param("beta", float, 0.9, "EMA factor of v <- beta v + (1 - beta) u on the privatised gradient u"),
+    )

@@ -1,0 +1,215 @@
+"""GED: the encoder's sensitivity set, noise on every coordinate, the KS denoiser as post-processing, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from opacus import GradSampleModule
+from scipy import stats
+from typer.testing import CliRunner
+
+from dpbench.cli import app
+from dpbench.errors import BadInput
+from dpbench.mechanisms import get_mechanism
+from dpbench.mechanisms.ged import GEDEncoder, GEDOptimizer, KSDenoiser, float32_below, ks_statistic, lr_factor
+from dpbench.privacy.ged import CodebookSpec, generate_codebook
+
+K, D = 40, 300
+
+
+@pytest.fixture(scope="module")
+def codebook() -> np.ndarray:
+    return generate_codebook(CodebookSpec(rows=6, k=K, seed=2))
+
+
+def heavy_grads(b: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.empty(b, 1).uniform_(-4, 2, generator=g)  # norms far below and above C
+    return torch.distributions.StudentT(2.0).sample((b, d)) * scale
+
+
+# -- the encoder ----------------------------------------------------------------------------------------
+
+def test_encoded_vectors_lie_in_the_sensitivity_set(codebook):
+    torch.manual_seed(0)
+    enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
+    grads = heavy_grads(64, D, 1)
+    grads[0] = 0.0
+    out, chosen = enc.encode(grads)
+    rows = torch.from_numpy(codebook)
+    for e, g, m in zip(out, grads, chosen):
+        assert int((e != 0).sum()) <= K
+        assert float(e.double().norm()) <= 1.0
+        mags = e.abs().double().sort(descending=True).values[:K]
+        assert torch.all(mags <= rows[m])  # rank-wise under the chosen row (float64 values, no rounding up)
+        support = e != 0
+        assert torch.all(torch.sign(e[support]) == torch.sign(g[support]))
+        if support.any():
+            assert set(support.nonzero().flatten().tolist()) <= set(g.abs().topk(K).indices.tolist())
+    assert torch.all(out[0] == 0)
+
+
+def test_encoder_is_per_example_and_picks_the_most_cosine_similar_row(codebook):
+    enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
+    grads = heavy_grads(16, D, 2)
+    batch, chosen = enc.encode(grads)
+    rows = float32_below(codebook)
+    for i in range(16):  # one example at a time gives the same rows: nothing mixes across the batch
+        single, c = enc.encode(grads[i:i + 1])
+        assert torch.equal(single[0], batch[i]) and int(c) == int(chosen[i])
+        mags = grads[i].abs().topk(K).values
+        h = mags * (1.0 / max(float(mags.norm()), 1.0)) * 4.0
+        cos = torch.nn.functional.cosine_similarity(h[None, :], rows, dim=1)
+        assert int(cos.argmax()) == int(chosen[i])
+
+
+def test_large_gradients_are_mostly_clamped_to_the_row(codebook):
+    enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
+    g = torch.randn(1, D) * 100
+    e, m = enc.encode(g)
+    mags = e.abs().sort(descending=True).values[0, :K]
+    frac = float((mags == float32_below(codebook)[m[0]]).float().mean())
+    assert frac > 0.5  # kappa C = 4 > Q = 1: "signs of the top-k with the row's magnitudes"
+
+
+def test_canary_is_the_worst_row_on_the_directions_top_k():
+    mech = get_mechanism("ged")(k=K, codebook_rows=3)
+    direction = [torch.randn(10, 20), torch.randn(100)]
+    contrib = mech.canary_contribution(direction, clip=0.1)
+    flat = torch.cat([c.reshape(-1) for c in contrib])
+    dflat = torch.cat([d.reshape(-1) for d in direction])
+    assert int((flat != 0).sum()) == K and float(flat.double().norm()) <= 1.0 + 1e-6
+    assert float(flat.double().norm()) > 1.0 - 1e-5
+    top = dflat.abs().topk(K).indices
+    assert torch.all(torch.sign(flat[top]) == torch.sign(dflat[top]))
+    mags = flat.abs().double().sort(descending=True).values[:K]
+    assert any(torch.all(mags <= torch.from_numpy(r)) for r in mech.codebook)
+
+
+# -- the denoiser ---------------------------------------------------------------------------------------
+
+def test_ks_statistic_matches_scipy():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3000, generator=g), torch.randn(2000, generator=g) * 1.3 + 0.1
+    assert ks_statistic(a, b) == pytest.approx(stats.ks_2samp(a.numpy(), b.numpy()).statistic, abs=1e-12)
+
+
+def test_ks_denoiser_skips_pure_noise_and_caps_signal():
+    den = KSDenoiser(lam=500.0, theta=0.7, cap=5.0)
+    x = torch.randn(1000)
+    assert den(x, x.clone()) == (0.0, 0.0)  # identical to pure noise: skipped
+    mult, delta_hat = den(x + 10.0, x)
+    assert mult == 5.0 and delta_hat == pytest.approx(500.0)
+    mult, delta_hat = KSDenoiser(lam=10.0, theta=0.7, cap=5.0)(x + 0.5, x)
+    assert 0.7 <= mult < 5.0 and mult == delta_hat
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(20, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _one_step(mech, x, y, optimizer_cls=None, tweak=None, seed=0):
+    torch.manual_seed(0)
+    model = GradSampleModule(_Tiny())
+    if optimizer_cls is not None:
+        mech.optimizer_class = optimizer_cls
+    opt = mech.make_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                              expected_batch_size=len(y), generator=torch.Generator().manual_seed(seed))
+    opt.reference_generator = torch.Generator().manual_seed(seed + 1)
+    if tweak is not None:
+        tweak(opt)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def test_denoiser_never_reads_the_clean_gradient():
+    x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
+    released = {}
+
+    class Poisoned(GEDOptimizer):
+        def scale_grad(self):
+            released["sum"] = torch.cat([p.grad.reshape(-1) for p in self.params]).clone()
+            for p in self.params:  # anything that reads the clean gradient from here on reads NaN
+                p.summed_grad = torch.full_like(p.summed_grad, float("nan"))
+                p.grad_sample = torch.full_like(p.grad_sample, float("nan"))
+            super().scale_grad()
+
+    class Recording(KSDenoiser):
+        def __call__(self, noisy, reference):
+            released["denoiser_input"] = noisy.clone()
+            return super().__call__(noisy, reference)
+
+    plain, opt_plain = _one_step(get_mechanism("ged")(k=50, codebook_rows=2), x, y)
+    poisoned, _ = _one_step(get_mechanism("ged")(k=50, codebook_rows=2), x, y, optimizer_cls=Poisoned,
+                            tweak=lambda o: setattr(o, "denoiser", Recording()))
+    assert all(torch.isfinite(p).all() for p in poisoned)
+    assert all(torch.equal(a, b) for a, b in zip(plain, poisoned))
+    # the denoiser's input is exactly the released average (noisy sum / B), nothing else
+    torch.testing.assert_close(released["denoiser_input"], released["sum"] / 16)
+    assert opt_plain.denoise_history and not opt_plain.diagnostics  # no clean-gradient statistics outside debug
+
+
+def test_debug_diagnostics_do_not_change_training():
+    x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
+    plain, _ = _one_step(get_mechanism("ged")(k=50, codebook_rows=2), x, y)
+    debug, opt = _one_step(get_mechanism("ged")(k=50, codebook_rows=2, debug=True), x, y)
+    assert all(torch.equal(a, b) for a, b in zip(plain, debug))
+    assert len(opt.diagnostics) == 1 and "cos_clean_noisy" in opt.diagnostics[0]
+
+
+@pytest.mark.parametrize("noise", ["student_t", "gaussian", "laplace"])
+def test_noise_lands_on_every_coordinate(noise):
+    mech = get_mechanism("ged")(k=5, codebook_rows=2, noise=noise, denoiser="none")
+    model = GradSampleModule(_Tiny())
+    opt = mech.make_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=2.0, max_grad_norm=1.0,
+                              expected_batch_size=8, generator=torch.Generator().manual_seed(3))
+    for p in opt.params:  # an empty batch: the release is pure noise
+        p.grad_sample = torch.zeros((0, *p.shape))
+    opt.pre_step()
+    released = torch.cat([p.grad.reshape(-1) for p in opt.params]) * 8
+    assert torch.all(released != 0) and released.numel() == sum(p.numel() for p in opt.params)
+    assert float(released.std()) == pytest.approx({"student_t": 2 * (9 / 7) ** 0.5, "gaussian": 2.0,
+                                                   "laplace": 2 * 2 ** 0.5}[noise], rel=0.25)
+
+
+def test_lr_schedule_follows_the_official_mnist_epochs():
+    assert [lr_factor("mnist", e) for e in (0, 10, 11, 20, 21, 40, 41, 60, 61, 99)] == \
+        [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.05, 0.05]
+    assert lr_factor("constant", 80) == 1.0
+
+
+def test_bad_parameters_exit_with_bad_input():
+    with pytest.raises(BadInput, match="denoiser"):
+        get_mechanism("ged")(denoiser="rank")
+    with pytest.raises(BadInput, match="did you mean"):
+        get_mechanism("ged")(kapa=4.0)
+
+
+# -- end to end -----------------------------------------------------------------------------------------
+
+def test_ged_end_to_end_through_the_cli():
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "--mech", "ged", "--dataset", "synthetic", "--steps", "3", "--eps", "3",
+                              "--quiet", "--set", "codebook_rows=4"])
+    assert res.exit_code == 0, res.output
+    (row,) = list(csv.DictReader(open("results/runs.csv")))
+    assert row["mech"] == "ged" and row["accountant"] == "ged-rdp" and float(row["eps_spent"]) <= 3.0
+    assert json.loads(row["mech_params"])["codebook_rows"] == 4
+    res = runner.invoke(app, ["account", "--mech", "ged", "--dataset", "synthetic", "--steps", "3", "--eps", "3",
+                              "--set", "codebook_rows=4", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["accountant"] == "ged-rdp" and out["eps"] <= 3.0 and out["eps_rdp"] is not None
+    assert out["noise_multiplier"] == pytest.approx(float(row["noise_multiplier"]))
