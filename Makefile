@@ -29,7 +29,7 @@ test-all: install
 	$(PY) -m pytest -q -m ''
 
 run: install
-	$(VENV)/bin/dpbench run --mech dpsgd --eps 3 --dataset mnist
+	$(VENV)/bin/dpbench run --mech dpis --eps 3 --dataset mnist
 
 # Sweeps are resumable: re-running one trains only what is missing from its CSV.
 SWEEP_FLAGS ?=

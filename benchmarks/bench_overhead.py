@@ -40,6 +40,7 @@ def main() -> None:
         cfg = resolve({"mech": name, "dataset": args.dataset, "eps": 3.0, "steps": args.steps})
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
         mech = get_mechanism(name)()
+        mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
         meter = LoadMeter()
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = train(cfg, mech, data, 1.0 if mech.private else 0.0, args.steps, torch.device("cpu"),

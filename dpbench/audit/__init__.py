@@ -1,0 +1,1 @@
+"""Empirical privacy auditing: ``stats`` (pure numpy/scipy) and the training glue (``canaries``, ``runner``)."""
