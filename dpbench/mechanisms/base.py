@@ -88,12 +88,16 @@ class DPBenchOptimizer(DPOptimizer):
     #: Set by the audit: returns per-parameter tensors to add to the sum, or None to add nothing.
     canary: Callable[[], list[torch.Tensor] | None] | None = None
 
-    def add_noise(self) -> None:
+    def add_canary(self) -> None:
+        """Add the audit's canary (if any) to the summed gradient; subclasses' ``add_noise`` call this first."""
         if self.canary is not None:
             extra = self.canary()
             if extra is not None:
                 for p, c in zip(self.params, extra):
                     p.summed_grad.add_(c.to(p.summed_grad))
+
+    def add_noise(self) -> None:
+        self.add_canary()
         super().add_noise()
 
 

@@ -180,11 +180,7 @@ class GEDOptimizer(DPBenchOptimizer):
         return self.generator
 
     def add_noise(self) -> None:
-        if self.canary is not None:
-            extra = self.canary()
-            if extra is not None:
-                for p, c in zip(self.params, extra):
-                    p.summed_grad.add_(c.to(p.summed_grad))
+        self.add_canary()
         for p in self.params:
             _check_processed_flag(p.summed_grad)
         clean = self._flat(p.summed_grad for p in self.params)

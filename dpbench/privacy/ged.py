@@ -503,25 +503,3 @@ class GEDAccountant:
             "eps_gaussian_eq": eps_opacus(self.orders, gauss, delta)[0],
             "eps_gaussian_eq_classic": eps_classic(self.orders, gauss, delta)[0],
         }
-
-    def calibrate_scale(self, target_eps: float, q: float, steps: int, delta: float,
-                        rel_tol: float = 1e-4) -> float:
-        """Smallest scale (to ``rel_tol``) whose reported eps is at most the target, by bisection."""
-        def eps_at(s: float) -> float:
-            return eps_opacus(self.orders, self.rdp(q, s, steps), delta)[0]
-
-        hi = 1.0
-        while eps_at(hi) > target_eps:
-            hi *= 2.0
-            if hi > 1e4:
-                raise BadInput(f"eps target {target_eps:g} is unreachable for ged (noise scale above 1e4)")
-        lo = hi / 2.0
-        while eps_at(lo) <= target_eps and lo > 1e-6:
-            hi, lo = lo, lo / 2.0
-        while (hi - lo) / hi > rel_tol:
-            mid = 0.5 * (lo + hi)
-            if eps_at(mid) <= target_eps:
-                hi = mid
-            else:
-                lo = mid
-        return hi
