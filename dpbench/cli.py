@@ -240,6 +240,14 @@ def plot(
     from dpbench.tables import load_results
 
     try:
+        import pandas as pd
+
+        from dpbench.audit.summary import is_audit_csv, save_audit_summary
+
+        if Path(csv_file).exists() and is_audit_csv(audit := pd.read_csv(csv_file)):
+            paths = save_audit_summary(audit, output or str(Path(csv_file).with_suffix(".png")), title=title)
+            out.print("wrote " + ", ".join(map(str, paths)))
+            return
         df = load_results(csv_file)
         paths = save_plot(df, output or str(Path(csv_file).with_suffix(".png")), with_published=published,
                           log_eps=log_eps, title=title)

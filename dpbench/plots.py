@@ -13,6 +13,9 @@ import pandas as pd  # noqa: E402
 
 from dpbench.tables import load_published, summarize  # noqa: E402
 
+#: Markers of published reference points, one per model family.
+PUBLISHED_MARKERS = ("*", "P", "X", "D", "^", "v", "s", "h")
+
 DATASET_TITLES = {"mnist": "MNIST", "fmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imdb": "IMDb",
                   "synthetic": "synthetic"}
 
@@ -26,6 +29,7 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(mechs)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.5, 3.6), squeeze=False)
     handles: dict[str, object] = {}
+    family_markers: dict[str, str] = {}
     for ax, (dataset, model) in zip(axes[0], panels):
         part = summary[(summary["dataset"] == dataset) & (summary["model"] == model)]
         for mech in mechs:
@@ -45,7 +49,9 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
             pub = published[(published["dataset"] == dataset) & published["eps"].map(math.isfinite)]
             for (mech, family), rows in pub.groupby(["mech", "model_family"]):
                 label = f"published: {mech}, {family}"
-                h = ax.scatter(rows["eps"], 100 * rows["test_acc"], marker="*", s=70, zorder=5,
+                # colour = mechanism, marker = model family, so two sources of one mechanism stay apart
+                marker = family_markers.setdefault(family, PUBLISHED_MARKERS[len(family_markers) % len(PUBLISHED_MARKERS)])
+                h = ax.scatter(rows["eps"], 100 * rows["test_acc"], marker=marker, s=60, zorder=5,
                                color=colours.get(mech, "0.2"), edgecolors="black", linewidths=0.5, label=label)
                 handles.setdefault(label, h)
         ax.set_title(f"{DATASET_TITLES.get(dataset, dataset)} ({model})")
