@@ -16,6 +16,7 @@ from dpbench.privacy import SGM_ORDERS, account, calibrate, eps_opacus, sgm_rdp
 from dpbench.privacy.dpis import (NORM_SHARE, auto_sigma_k, dpis_rdp, gradient_release_rdp, norm_release_rdp,
                                   norm_release_upper_bound, resolve_rates)
 from dpbench.privacy.rdp import eps_classic
+from .vectors import SGM_SPEC_VECTORS
 
 DPIS = get_mechanism("dpis")
 DPSGD = get_mechanism("dpsgd")()
@@ -37,15 +38,7 @@ def test_defaults_do_the_least_work_and_adapt_the_clip():
         DPIS(sigma_k=math.inf)
 
 
-@pytest.mark.parametrize("q,sigma,alpha,value", [
-    (0.01, 1.0, 2, 1.718134e-04),
-    (0.01, 1.0, 8, 8.936439e-04),
-    (0.01, 1.0, 32, 1.124628e+01),
-    (0.05, 2.0, 4, 1.462563e-03),
-    (0.05, 2.0, 10.5, 4.286260e-03),
-    (0.1, 0.8, 3, 9.505854e-02),
-    (1.0, 1.0, 2, 1.0),
-])
+@pytest.mark.parametrize("q,sigma,alpha,value", SGM_SPEC_VECTORS)
 def test_spec_per_step_vectors_through_both_releases(q, sigma, alpha, value):
     # Spec §2.6: the gradient release is SGM(q_cap, sigma_G) and the norm release SGM(norm_rate, sigma_K).
     assert gradient_release_rdp(q, sigma, 1, (alpha,))[0] == pytest.approx(value, rel=1e-5)
