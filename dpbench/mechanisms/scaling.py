@@ -36,6 +36,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param
+from dpbench.mechanisms.norms import per_sample_norms
 from dpbench.registry import did_you_mean
 
 #: ``w(norms, C, params) -> weights``: one weight per sample, from its gradient norm.
@@ -89,29 +90,6 @@ def check_sensitivity(weight_name: str, clip: float, params: Mapping[str, Any]) 
         raise BadInput(f"weight {weight_name!r} with {dict(params)} and C = {clip:g}: sup x*w(x) = {sup:g} "
                        f"exceeds C (or is not finite), so sigma*C noise would not cover it")
     return sup
-
-
-#: Per-parameter norms below this are recomputed in float64 (float32 squares underflow near 1e-19).
-TINY_NORM = 1e-10
-
-
-def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
-    """Global per-sample gradient norms (over all parameters), in float64.
-
-    Computed in the gradients' dtype, as Opacus does, except rows too small or not finite there: a float32
-    norm of a nonzero gradient of size 1e-25 is 0, and a weight like C/(x + gamma) with a tiny gamma would
-    then scale that gradient far beyond C. Redoing only those rows keeps the memory of Opacus' clipping.
-    """
-    device = grad_samples[0].device
-    flat = [g.reshape(len(g), -1) for g in grad_samples]
-    norms = torch.stack([g.norm(2, dim=-1).to(device, torch.float64) for g in flat], dim=1)
-    redo = ~(norms >= TINY_NORM) | ~torch.isfinite(norms)
-    if bool(redo.any()):
-        for j, g in enumerate(flat):
-            rows = redo[:, j]
-            if bool(rows.any()):
-                norms[rows, j] = g[rows.to(g.device)].to(torch.float64).norm(2, dim=-1).to(device)
-    return norms.norm(2, dim=1)
 
 
 class ScalingOptimizer(DPBenchOptimizer):

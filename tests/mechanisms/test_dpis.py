@@ -20,7 +20,7 @@ from dpbench.data import load_dataset
 from dpbench.engine import train
 from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import TrainContext
-from dpbench.mechanisms.dpis import DPIS, ImportanceSampledOptimizer, inclusion_probabilities
+from dpbench.mechanisms.dpis import MIN_CLIP_FRACTION, DPIS, ImportanceSampledOptimizer, inclusion_probabilities
 
 N, FEATURES, CLASSES, BATCH, CLIP = 24, 40, 25, 6, 1.0
 
@@ -277,6 +277,56 @@ def test_adaptive_clip_follows_the_released_sum_within_a_factor_two():
         assert after["clip"] == pytest.approx(min(max(wanted, before["clip"] / 2), before["clip"] * 2))
         assert ctx.optimizer.max_grad_norm == mech.trace[-1]["clip"]
     assert mech.state_dict() == {"clip": mech._clip}
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_normalised_step_rescales_the_estimate_by_base_clip_over_current_clip(normalise):
+    # Same seeds with and without adaptive clipping: after C moves, the estimate at the adapted C, times
+    # --clip / C_t when normalise_step is on, is what the optimizer returns.
+    mech, ctx = make_problem(candidate_rate=1, sigma_k=1e-9, r_hat=0.5, adaptive_clip=True, normalise_step=normalise)
+    for step in range(3):
+        mech.begin_step(ctx, step)
+    clip_t = mech.trace[-1]["clip"]
+    assert clip_t != pytest.approx(CLIP)  # the problem's norms do move C
+    opt = ctx.optimizer
+    assert opt.step_scale == (CLIP / clip_t if normalise else 1.0)
+    opt.k_hat = 2.0 * mech.floor(clip_t, BATCH)
+    got = estimate(ctx, torch.arange(N))
+    assert opt.drawn_per_step[-1] > 0
+    # Rerun the same draw with the scale undone: the two differ by exactly step_scale.
+    scale = opt.step_scale
+    mech2, ctx2 = make_problem(candidate_rate=1, sigma_k=1e-9, r_hat=0.5, adaptive_clip=True, normalise_step=normalise)
+    for step in range(3):
+        mech2.begin_step(ctx2, step)
+    ctx2.optimizer.k_hat = opt.k_hat
+    ctx2.optimizer.step_scale = 1.0
+    plain = estimate(ctx2, torch.arange(N))
+    assert torch.allclose(got, scale * plain, rtol=1e-5, atol=1e-9)
+
+
+def test_adaptive_clip_stops_at_its_floor_when_every_gradient_is_zero():
+    mech, ctx = make_problem(candidate_rate=1, sigma_k=1e-9, adaptive_clip=True)
+    ctx.train_x.zero_()  # a bias-free linear model: every gradient is exactly 0, so K~ is (almost) 0
+    for step in range(60):
+        mech.begin_step(ctx, step)
+    clips = [t["clip"] for t in mech.trace]
+    assert clips[1] == CLIP / 2 and min(clips) == MIN_CLIP_FRACTION * CLIP == clips[-1]
+    assert math.isfinite(ctx.optimizer.step_scale) and ctx.optimizer.step_scale == 1 / MIN_CLIP_FRACTION
+
+
+def test_kept_terms_of_underflowing_gradients_still_have_norm_k_hat_over_b():
+    # Gradients near 1e-25 have float32 squares of 0: a float32 norm would be 0 (never drawn) or, in part,
+    # too small, and the weight K^/(B n_i) would then push the term past its sensitivity K^/B.
+    mech, ctx = make_problem(candidate_rate=1, sigma_k=math.inf)
+    ctx.train_x.mul_(1e-25)
+    opt = ctx.optimizer
+    norms = per_sample_clipped(ctx).double().norm(dim=1)
+    assert 0 < float(norms[0]) < 1e-20
+    for i in (0, 23):
+        opt.k_hat = BATCH * float(norms[i])  # probability exactly 1 for this candidate
+        grad = estimate(ctx, torch.tensor([i]))
+        assert opt.drawn_per_step[-1] == 1
+        assert float(grad.double().norm()) * N == pytest.approx(opt.k_hat / BATCH, rel=1e-4)
 
 
 def test_training_loop_on_synthetic_keeps_k_hat_above_the_floor():
