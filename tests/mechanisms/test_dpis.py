@@ -281,8 +281,8 @@ def test_adaptive_clip_follows_the_released_sum_within_a_factor_two():
 
 @pytest.mark.parametrize("normalise", [True, False])
 def test_normalised_step_rescales_the_estimate_by_base_clip_over_current_clip(normalise):
-    # Same seeds with and without adaptive clipping: after C moves, the estimate at the adapted C, times
-    # --clip / C_t when normalise_step is on, is what the optimizer returns.
+    # After C has moved, the step's estimate is --clip / C_t (or 1, with normalise_step off) times the one
+    # the same draw gives with the scale undone.
     mech, ctx = make_problem(candidate_rate=1, sigma_k=1e-9, r_hat=0.5, adaptive_clip=True, normalise_step=normalise)
     for step in range(3):
         mech.begin_step(ctx, step)

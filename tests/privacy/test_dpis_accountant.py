@@ -31,7 +31,7 @@ def dpis(**params) -> object:
 def test_defaults_do_the_least_work_and_adapt_the_clip():
     mech = DPIS()
     rates = mech.rates(0.01)
-    assert mech.params["adaptive_clip"] is True
+    assert mech.params["adaptive_clip"] is True and mech.params["normalise_step"] is True
     assert rates.q_cap == pytest.approx(0.02) and rates.candidate_rate == rates.q_cap and rates.norm_rate == 0.01
     assert mech.rates(0.6).q_cap == 1.0  # q / r_hat capped at 1
     with pytest.raises(BadInput, match="adaptive_clip=false"):
