@@ -32,7 +32,7 @@ def run(
     eps: Optional[float] = typer.Option(None, help="target epsilon; 'inf' = non-private"),
     delta: Optional[float] = typer.Option(None, help="target delta [default: 1e-5]"),
     epochs: Optional[float] = typer.Option(None, help="nominal epochs: T = floor(E*N/B) Poisson steps"),
-    steps: Optional[int] = typer.Option(None, help="number of steps T (overrides --epochs)"),
+    steps: Optional[int] = typer.Option(None, help="number of steps T (instead of --epochs, not with it)"),
     batch_size: Optional[int] = typer.Option(None, help="expected (logical) batch size B; q = B/N"),
     physical_batch_size: Optional[int] = typer.Option(None, help="chunk size for memory; changes no result"),
     lr: Optional[float] = typer.Option(None, help="learning rate"),
@@ -40,7 +40,14 @@ def run(
     momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
     clip: Optional[float] = typer.Option(None, help="clipping bound C"),
     seed: Optional[int] = typer.Option(None, help="seed of every generator [default: 0]"),
-    secure: bool = typer.Option(False, "--secure", help="noise and sampling seeded from OS entropy"),
+    secure: bool = typer.Option(False, "--secure", help=(
+        "seed every generator of the run (noise, sampling, masks, draws) from OS entropy, never recorded, and draw "
+        "Opacus' Gaussian noise with its floating-point-attack hardening. Protects against an adversary who knows "
+        "--seed and the code; does NOT make the generators cryptographic (they are torch's Mersenne Twister "
+        "PRNGs, OS-seeded: Opacus' CSPRNG needs torchcsprng, which has no release for torch 2.x), and GED's "
+        "Student-t/Laplace noise and DPIS's normaliser noise get no floating-point hardening. With --resume a "
+        "secure run continues only its own secure checkpoint and never a reproducible run's: it starts afresh "
+        "instead")),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cpu]"),
     data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
     out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV [default: results/runs.csv]"),
@@ -48,10 +55,15 @@ def run(
     config: Optional[str] = typer.Option(None, help="TOML file with the same options"),
     force: bool = typer.Option(False, "--force", help="allow delta >= 1/N"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
-    resume: bool = typer.Option(False, "--resume", help="continue from this configuration's checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="continue from this configuration's checkpoint "
+                                "(<folder of --out>/checkpoints/; --secure runs keep their own)"),
     checkpoint_every: float = typer.Option(300.0, help="seconds between checkpoints"),
 ) -> None:
-    """Train one model under (eps, delta)-DP and append one row to the results CSV."""
+    """Train one model under (eps, delta)-DP and append one row to the results CSV.
+
+    Progress goes to stderr: a bar on a terminal, else a line 'step S/T  loss L  N samples/s  ETA ...'
+    within 10 s of the first step and every 30 s after (--quiet: none).
+    """
     from dpbench.config import parse_sets, resolve
     from dpbench.engine import run as run_engine
 
@@ -63,10 +75,19 @@ def run(
     try:
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options, config)
+        _warn_ignored_eps(cfg.mech, eps)
+        if not checkpoint_every > 0:
+            raise BadInput(f"--checkpoint-every {checkpoint_every}: must be a positive number of seconds")
         row = run_engine(cfg, show_progress=not quiet, resume=resume, checkpoint_every_s=checkpoint_every)
     except BadInput as exc:
         raise fail(exc)
     _print_summary(row, cfg.out)
+
+
+def _warn_ignored_eps(mech: str, eps: float | None) -> None:
+    if mech == "nonprivate" and eps is not None and not math.isinf(eps):
+        err.print(f"[yellow]warning:[/] --eps {eps:g} is ignored: nonprivate trains without clipping or noise "
+                  "(eps = inf)", highlight=False, soft_wrap=True)
 
 
 def _fmt(v: Any, spec: str = ".4g") -> str:
@@ -98,8 +119,8 @@ def account(
     model: Optional[str] = typer.Option(None, help="model whose recipe gives B, C and epochs [default: the dataset's]"),
     batch_size: Optional[int] = typer.Option(None, help="expected batch size B [default: recipe]"),
     clip: Optional[float] = typer.Option(None, help="clipping bound C [default: recipe] (changes eps only for modelmix)"),
-    epochs: Optional[float] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None),
+    epochs: Optional[float] = typer.Option(None, help="nominal epochs [default: recipe]"),
+    steps: Optional[int] = typer.Option(None, help="number of steps T (instead of --epochs, not with it)"),
     eps: Optional[float] = typer.Option(None, help="target eps: print the calibrated noise"),
     sigma: Optional[float] = typer.Option(None, help="noise multiplier: print the eps spent"),
     delta: float = typer.Option(1e-5),
@@ -107,7 +128,7 @@ def account(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object only"),
 ) -> None:
     """Print the calibrated noise for a target eps, or the eps of a given noise. Trains nothing."""
-    from dpbench.config import parse_sets
+    from dpbench.config import MIN_CLIP, parse_sets
     from dpbench.data import DATASETS
     from dpbench.mechanisms import get_mechanism
     from dpbench.privacy import account as account_eps, calibrate
@@ -116,6 +137,11 @@ def account(
     try:
         if (eps is None) == (sigma is None):
             raise BadInput("give exactly one of --eps and --sigma")
+        if epochs is not None and steps is not None:
+            raise BadInput(f"--epochs {epochs:g} and --steps {steps} given together: give one of them "
+                           f"(--steps {steps} would have been used and --epochs ignored)")
+        if clip is not None and not (clip >= MIN_CLIP and math.isfinite(clip)):
+            raise BadInput(f"--clip {clip}: must be a finite number >= {MIN_CLIP:g}")
         if not 0 < delta < 1:
             raise BadInput(f"--delta {delta}: must be in (0, 1)")
         mechanism = get_mechanism(mech)(**parse_sets(sets))
@@ -203,6 +229,7 @@ def sweep(
                 spec.grid[key] = values
         if epochs is not None:
             spec.fixed["epochs"] = epochs
+            spec.fixed.pop("steps", None)
         if data_dir is not None:
             spec.fixed["data_dir"] = data_dir
         out_path = out_csv or spec.fixed.pop("out", None) or "results/sweep.csv"
@@ -289,7 +316,7 @@ def audit(
     model: Optional[str] = typer.Option(None, help="model name [default: from the recipe]"),
     delta: Optional[float] = typer.Option(None, help="delta [default: 1e-5]"),
     epochs: Optional[float] = typer.Option(None, help="nominal epochs [default: the recipe's]"),
-    steps: Optional[int] = typer.Option(None, help="number of steps T (overrides --epochs)"),
+    steps: Optional[int] = typer.Option(None, help="number of steps T (instead of --epochs, not with it)"),
     batch_size: Optional[int] = typer.Option(None, help="expected batch size B"),
     physical_batch_size: Optional[int] = typer.Option(None, help="chunk size for memory; changes no result"),
     lr: Optional[float] = typer.Option(None, help="learning rate"),
@@ -318,6 +345,7 @@ def audit(
             raise BadInput("missing --eps: give the claimed epsilon (or inf for the non-private control)")
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options)
+        _warn_ignored_eps(cfg.mech, eps)
         row = run_audit(cfg, canaries=canaries, threat=threat, train_size=train_size, show_progress=not quiet)
     except BadInput as exc:
         raise fail(exc)
@@ -380,6 +408,10 @@ def list_entries(what: str = typer.Argument("mechanisms", help="mechanisms, data
             for col in ("accountant", "parameters", "description"):
                 t.add_column(col)
             for name in registry.names(pattern):
+                problem = registry.problem(name)
+                if problem:  # one broken plugin must not hide the others
+                    err.print(f"[yellow]warning:[/] {problem}; skipped", highlight=False, soft_wrap=True)
+                    continue
                 cls = registry.get(name)
                 desc = cls.summary + (f" [yellow]({cls.caveat})[/]" if cls.caveat else "")
                 t.add_row(name, cls.accountant, cls.describe_params() or "-", desc)

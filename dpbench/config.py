@@ -19,6 +19,10 @@ from typing import Any
 from dpbench.errors import BadInput
 from dpbench.recipes import recipe_for
 
+#: Smallest accepted clipping bound: below it float32 products of per-sample gradients reach the subnormal
+#: range, where rounding is no longer relative and a contribution could pass C (mechanisms/norms.py).
+MIN_CLIP = 1e-12
+
 #: Fields that do not change the result distribution and so stay out of the config hash.
 NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force")
 
@@ -132,8 +136,14 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfig:
     """Merge recipe, config file and flags (``None`` = not given) into a RunConfig."""
-    given = read_config_file(config_file) if config_file else {}
-    given.update({k: v for k, v in options.items() if v is not None and k != "mech_params"})
+    from_file = read_config_file(config_file) if config_file else {}
+    flags = {k: v for k, v in options.items() if v is not None and k != "mech_params"}
+    _check_one_horizon(flags, "")
+    _check_one_horizon(from_file, f" in --config {config_file}")
+    for flag, other in (("steps", "epochs"), ("epochs", "steps")):
+        if flag in flags:  # a flag replaces the file's horizon, whichever of the two the file gave
+            from_file.pop(other, None)
+    given = {**from_file, **flags}
     params = dict(given.get("mech_params") or {})
     params.update(options.get("mech_params") or {})
     given.setdefault("dataset", "mnist")
@@ -164,6 +174,13 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     return RunConfig(**merged)
 
 
+def _check_one_horizon(options: dict[str, Any], where: str) -> None:
+    """--epochs and --steps both define T; given together, one would be silently ignored."""
+    if "steps" in options and "epochs" in options:
+        raise BadInput(f"--epochs {options['epochs']} and --steps {options['steps']} given together{where}: give one "
+                       f"of them (--steps {options['steps']} would have been used and --epochs ignored)")
+
+
 def validate_options(cfg: RunConfig) -> None:
     """Reject bad values that need no data (checked before any dataset is loaded or downloaded)."""
     if cfg.mech != "nonprivate" and math.isnan(cfg.eps):
@@ -182,8 +199,8 @@ def validate_options(cfg: RunConfig) -> None:
         raise BadInput(f"--epochs {cfg.epochs}: must be positive")
     if not cfg.lr > 0:
         raise BadInput(f"--lr {cfg.lr}: must be positive")
-    if not cfg.clip > 0:
-        raise BadInput(f"--clip {cfg.clip}: must be positive")
+    if not (cfg.clip >= MIN_CLIP and math.isfinite(cfg.clip)):
+        raise BadInput(f"--clip {cfg.clip}: must be a finite number >= {MIN_CLIP:g}")
     if not 0 <= cfg.momentum < 1:
         raise BadInput(f"--momentum {cfg.momentum}: must be in [0, 1)")
     if cfg.optimizer not in ("sgd", "adam"):

@@ -25,9 +25,8 @@ import torch
 import torch.nn as nn
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
+from opacus.optimizers import DPOptimizer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 
 from dpbench.checkpoint import Checkpointer, checkpoint_path
 from dpbench.config import RunConfig, check_writable, validate, validate_options
@@ -39,6 +38,7 @@ from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import Mechanism, TrainContext
 from dpbench.models import MODELS, build_model, count_parameters
 from dpbench.privacy import account, calibrate
+from dpbench.progress import TrainingProgress
 from dpbench.results import append_row, check_compatible, run_record_path, write_json_atomic
 
 DEFAULT_PHYSICAL_BATCH = 1024
@@ -105,10 +105,9 @@ def _base_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+def warn(message: str) -> None:
+    """One warning line on stderr (also when it is a log file)."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[yellow]warning:[/] {message}")
 
 
 @torch.no_grad()
@@ -136,6 +135,8 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     q = cfg.sample_rate(n)
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     model = build_model(cfg.model, data.input_shape, data.num_classes)
+    if cfg.secure:  # the initial weights may follow --seed; nothing drawn from here on may
+        torch.manual_seed(secrets.randbits(63))
     if mech.private:
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
@@ -153,6 +154,10 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     optimizer = mech.make_optimizer(_base_optimizer(cfg, model.parameters()), noise_multiplier=noise_multiplier,
                                     max_grad_norm=cfg.clip, expected_batch_size=cfg.batch_size,
                                     generator=generator("noise"))
+    if cfg.secure and isinstance(optimizer, DPOptimizer):
+        # Opacus' noise hardened against floating-point attacks (2n Gaussian draws); its secure RNG needs
+        # torchcsprng, which has no release for this torch, so the generators stay OS-seeded PRNGs.
+        optimizer.secure_mode = True
     if on_optimizer is not None:
         on_optimizer(optimizer)
     sampling = generator("sampling", torch.device("cpu"))
@@ -179,10 +184,11 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         mech.load_state_dict(state["mechanism"])
-        for purpose, g_state in state.get("generators", {}).items():
-            generators[purpose].set_state(g_state)
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+        if not cfg.secure:  # a secure run keeps its fresh OS-seeded generators (the checkpoint holds none)
+            for purpose, g_state in state.get("generators", {}).items():
+                generators[purpose].set_state(g_state)
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"])
         start, samples, ema_loss, done_wall = state["step"], state["samples"], state["ema_loss"], state["wall"]
 
     def snapshot(next_step: int) -> dict[str, Any]:
@@ -193,10 +199,11 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
 
     sampler = mech.make_sampler(n, q, steps - start, sampling)
     t0 = time.perf_counter()
-    with _progress(show_progress) as bar, warnings.catch_warnings():
+    progress = TrainingProgress(f"{cfg.mech} {cfg.dataset}", steps, start, enabled=show_progress)
+    samples_before = samples
+    with progress, warnings.catch_warnings():
         # Opacus' hooks on the first layer fire on module outputs when inputs need no gradient: harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        task = bar.add_task(f"{cfg.mech} {cfg.dataset}", total=steps, completed=start, loss=ema_loss)
         for step, indices in enumerate(sampler, start=start):
             mech.begin_step(ctx, step)
             idx = torch.as_tensor(indices, dtype=torch.long, device=device)
@@ -235,7 +242,7 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
             if len(idx):
                 mean = step_loss / len(idx)
                 ema_loss = mean if math.isnan(ema_loss) else 0.95 * ema_loss + 0.05 * mean
-            bar.update(task, advance=1, loss=ema_loss)
+            progress.update(step + 1, ema_loss, samples - samples_before)
             if checkpointer is not None and step + 1 < steps:
                 checkpointer.maybe_save(lambda: snapshot(step + 1))
     wall = done_wall + time.perf_counter() - t0
@@ -280,8 +287,13 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         raise RuntimeError(f"eps spent {privacy.eps} exceeds the target {cfg.eps}")
 
     meter = LoadMeter()
-    checkpointer = Checkpointer(checkpoint_path(cfg.out, cfg.hash(data.variant), cfg.seed), checkpoint_every_s,
+    config_hash = cfg.hash(data.variant)
+    checkpointer = Checkpointer(checkpoint_path(cfg.out, config_hash, cfg.seed, cfg.secure), checkpoint_every_s,
                                 secure=cfg.secure)
+    reproducible_checkpoint = checkpoint_path(cfg.out, config_hash, cfg.seed, secure=False)
+    if resume and cfg.secure and not checkpointer.path.exists() and reproducible_checkpoint.exists():
+        warn(f"{reproducible_checkpoint} is a checkpoint of a reproducible run of this configuration; a --secure "
+             "run never continues one (its randomness is derived from --seed), so this run starts afresh")
     outcome = train(cfg, mech, data, noise, steps, device, show_progress=show_progress,
                     checkpointer=checkpointer, resume=resume)
     env = environment()

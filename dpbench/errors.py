@@ -9,3 +9,7 @@ class BadInput(ValueError):
 
 class UnknownName(BadInput):
     """A name looked up in a registry does not exist."""
+
+
+class BrokenPlugin(BadInput):
+    """A third-party registry entry cannot be used: it fails to import, or is not what the registry holds."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Generic, TypeVar
 
-from dpbench.errors import UnknownName
+from dpbench.errors import BrokenPlugin, UnknownName
 
 T = TypeVar("T")
 
@@ -41,11 +41,16 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """A name -> object table with decorator registration and plugin discovery."""
+    """A name -> object table with decorator registration and plugin discovery.
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    With ``base``, every entry must be a subclass of it whose ``name`` attribute is its registered name
+    (a plugin class that forgot ``name`` would otherwise run, and be recorded, as its parent).
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, base: type | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.base = base
         self._entries: dict[str, Entry[T]] = {}
         self._plugins_loaded = False
 
@@ -77,7 +82,40 @@ class Registry(Generic[T]):
                 self._entries[ep.name] = Entry(ep.name, ep.value, {"plugin": ep.dist.name if ep.dist else "?"})
 
     def get(self, name: str) -> T:
-        return self.entry(name).load()
+        """The object registered as ``name``; a :class:`BrokenPlugin` if it is a plugin that cannot be used."""
+        entry = self.entry(name)
+        plugin = entry.meta.get("plugin")
+        try:
+            obj = entry.load()
+        except Exception as exc:  # noqa: BLE001 (any import-time failure of third-party code)
+            if plugin is None:
+                raise
+            raise BrokenPlugin(f"{self.kind} plugin {name!r} (from {plugin}, {entry.target}) cannot be imported: "
+                               f"{type(exc).__name__}: {exc}") from None
+        problem = self._problem_with(name, obj)
+        if problem:
+            source = f" (from {plugin})" if plugin else ""
+            raise BrokenPlugin(f"{self.kind} {name!r}{source} is not usable: {problem}")
+        return obj
+
+    def _problem_with(self, name: str, obj: Any) -> str | None:
+        if self.base is None:
+            return None
+        if not (isinstance(obj, type) and issubclass(obj, self.base)):
+            return f"{obj!r} is not a subclass of {self.base.__module__}.{self.base.__qualname__}"
+        declared = getattr(obj, "name", None)
+        if declared != name:
+            return (f"class {obj.__qualname__} has name = {declared!r}; it must set name = {name!r}, "
+                    f"the name it is registered under")
+        return None
+
+    def problem(self, name: str) -> str | None:
+        """Why ``name`` cannot be used (a broken plugin), or None when it loads and checks out."""
+        try:
+            self.get(name)
+        except BrokenPlugin as exc:
+            return str(exc)
+        return None
 
     def entry(self, name: str) -> Entry[T]:
         self._load_plugins()

@@ -65,7 +65,7 @@ def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_publis
              "Test accuracy in %, mean ± sample std over seeds (n = number of seeds). "
              "Δ dpsgd: mean over shared seeds of the paired difference to `dpsgd` with the same dataset, model, "
              "eps and steps. ⚠ marks a run group below chance + 5 points. Published numbers come from "
-             "`benchmarks/published.csv` (sources there) and may use other models or epochs.", ""]
+             "`dpbench/published.csv` (sources there; `dpbench.tables.load_published()`) and may use other models or epochs.", ""]
     for dataset, part in df.groupby("dataset", sort=True):
         chance = _chance(dataset)
         lines += [f"## {dataset}", "",

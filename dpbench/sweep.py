@@ -20,10 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -31,6 +32,7 @@ from dpbench.config import RunConfig, load_toml, options_from_table, resolve
 from dpbench.data import dataset_variant
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
+from dpbench.progress import PLAIN_PREFIX, format_duration
 
 GRID_KEYS = ("mech", "dataset", "model", "eps", "seed")
 
@@ -65,6 +67,11 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
         names = MECHANISMS.names(pattern)
         if not names:
             MECHANISMS.entry(pattern)  # raises with a "did you mean"
+        if names != [pattern]:  # a pattern skips broken plugins; a name asked for by itself fails in its run
+            broken = {n: MECHANISMS.problem(n) for n in names}
+            for problem in filter(None, broken.values()):
+                Console(stderr=True).print(f"[yellow]warning:[/] {problem}; skipped", highlight=False, soft_wrap=True)
+            names = [n for n in names if broken[n] is None]
         mechs += [m for m in names if m not in mechs]
     axes = {
         "mech": mechs,
@@ -100,8 +107,11 @@ def finished_keys(csv_path: str | Path) -> set[tuple[str, int]]:
 
 
 def run_command(cfg: RunConfig, out: str, device: str) -> list[str]:
-    """The ``dpbench run`` command of one configuration (as a list for subprocess)."""
-    args = shlex.split(cfg.command())[2:] + ["--out", out, "--device", device, "--quiet", "--resume"]
+    """The ``dpbench run`` command of one configuration (as a list for subprocess).
+
+    Not ``--quiet``: its stderr is a pipe, so it prints plain progress lines, which the sweep shows.
+    """
+    args = shlex.split(cfg.command())[2:] + ["--out", out, "--device", device, "--resume"]
     if cfg.data_dir:
         args += ["--data-dir", cfg.data_dir]
     return [sys.executable, "-m", "dpbench.cli", "run", *args]
@@ -151,6 +161,7 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    started = time.perf_counter()
     with progress:
         overall = progress.add_task("sweep", total=len(todo))
 
@@ -162,24 +173,30 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
                 except queue.Empty:
                     return
                 cmd = run_command(cfg, out, device)
-                task = progress.add_task(f"  {_label(cfg)} [{device}]", total=None)
+                label = f"{_label(cfg)} [{device}]"
+                task = progress.add_task(escape(f"  {label}"), total=None)
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=_die_with_parent)
-                outcome = Outcome(cfg, proc.returncode == 0, time.perf_counter() - t0)
+                returncode, stdout, stderr = _run_showing_progress(
+                    cmd, env, lambda line: _show_run_progress(progress, task, console, label, line))
+                outcome = Outcome(cfg, returncode == 0, time.perf_counter() - t0)
                 progress.remove_task(task)
                 with lock:
                     if not outcome.ok:
-                        lines = (proc.stderr or proc.stdout).strip().splitlines()
-                        outcome.detail = lines[-1] if lines else f"exit {proc.returncode}"
+                        lines = [ln for ln in (stderr or stdout).strip().splitlines()
+                                 if not ln.startswith(PLAIN_PREFIX)]
+                        outcome.detail = lines[-1] if lines else f"exit {returncode}"
                         with open(failures, "a") as fh:
-                            fh.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} exit {proc.returncode}: {_label(cfg)}\n"
+                            fh.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} exit {returncode}: {_label(cfg)}\n"
                                      f"reproduce: {shlex.join(['dpbench', *cmd[3:]])}\n"
-                                     f"{proc.stderr}{proc.stdout[-2000:]}\n")
+                                     f"{stderr}{stdout[-2000:]}\n")
                         console.print(f"[red]failed[/] {_label(cfg)}: {outcome.detail} (see {failures})")
                     else:
                         console.print(f"[green]done[/] {_label(cfg)} in {outcome.seconds:.0f} s")
                     outcomes.append(outcome)
                     progress.advance(overall)
+                    if not console.is_terminal:  # the bar is invisible in a log: say where the grid stands
+                        console.print(_grid_line(len(outcomes), len(todo), time.perf_counter() - started),
+                                      highlight=False)
 
         pool = [threading.Thread(target=worker, args=(d,), daemon=True) for d in slots]
         for t in pool:
@@ -188,6 +205,39 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
             t.join()
     _summary(outcomes, out, console)
     return outcomes
+
+
+def _run_showing_progress(cmd: list[str], env: dict[str, str], on_progress: Callable[[str], None]) -> tuple[int, str, str]:
+    """Run ``cmd``; each progress line it prints on stderr goes to ``on_progress`` as it comes.
+
+    Returns (exit code, stdout, stderr); stdout is drained by a thread so that neither pipe can fill up.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_die_with_parent)
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    stderr: list[str] = []
+    for line in proc.stderr:
+        stderr.append(line)
+        if line.startswith(PLAIN_PREFIX):
+            on_progress(line.strip())
+    returncode = proc.wait()
+    reader.join()
+    return returncode, "".join(stdout), "".join(stderr)
+
+
+def _show_run_progress(progress: Progress, task: Any, console: Console, label: str, line: str) -> None:
+    """A run's progress line: in its bar's description on a terminal, else printed with the run's label."""
+    if console.is_terminal:
+        progress.update(task, description=escape(f"  {label}  {line.split('  (')[0]}"))
+    else:
+        console.print(f"{label}: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _grid_line(done: int, total: int, elapsed: float) -> str:
+    eta = elapsed * (total - done) / done if done else float("nan")
+    return f"sweep: {done}/{total} configurations done, {format_duration(elapsed)} elapsed, ETA {format_duration(eta)}"
 
 
 def _summary(outcomes: list[Outcome], out: str, console: Console) -> None:

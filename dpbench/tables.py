@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import pandas as pd
 
 from dpbench.errors import BadInput
 
-PUBLISHED_CSV = Path(__file__).resolve().parent.parent / "benchmarks" / "published.csv"
+#: Published reference numbers with their sources: package data, so an installed wheel has them too.
+PUBLISHED_CSV = resources.files("dpbench") / "published.csv"
 GROUP = ["dataset", "model", "mech", "eps_target", "config_hash"]
 
 
@@ -29,8 +31,13 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def load_published(path: str | Path = PUBLISHED_CSV) -> pd.DataFrame:
-    df = pd.read_csv(path)
+def load_published(path: str | Path | None = None) -> pd.DataFrame:
+    """The published reference numbers (``dpbench/published.csv`` unless ``path`` is given)."""
+    if path is None:
+        with resources.as_file(PUBLISHED_CSV) as packaged:
+            df = pd.read_csv(packaged)
+    else:
+        df = pd.read_csv(path)
     df["eps"] = df["eps"].astype(float)
     return df
 

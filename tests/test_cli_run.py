@@ -132,6 +132,12 @@ BAD_INPUTS = [
     (["--mech", "dpsgd", "--eps", "3", "--out", "/proc/nope/r.csv"], "--out /proc/nope/r.csv"),
     (["--mech", "dpsgd", "--eps", "3", "--device", "tpu"], "--device 'tpu'"),
     (["--mech", "dpsgd", "--eps", "3", "--optimizer", "rmsprop"], "--optimizer 'rmsprop'"),
+    (["--mech", "dpsgd", "--eps", "3", "--clip", "inf"], "--clip inf: must be a finite number"),
+    (["--mech", "dpsgd", "--eps", "3", "--clip", "nan"], "--clip nan"),
+    (["--mech", "dpsgd", "--eps", "3", "--clip", "1e-13"], "--clip 1e-13"),
+    (["--mech", "dpsgd", "--eps", "3", "--epochs", "2", "--steps", "5"],
+     "--epochs 2.0 and --steps 5 given together: give one of them (--steps 5 would have been used"),
+    (["--mech", "dpsgd", "--eps", "3", "--checkpoint-every", "0"], "--checkpoint-every 0"),
 ]
 
 
@@ -186,3 +192,46 @@ def test_cuda_without_cuda_is_an_error_not_a_fallback():
 def test_typo_in_list_name():
     res = invoke("ls", "mechansims")
     assert res.exit_code == 2 and "did you mean 'mechanisms'" in res.output
+
+
+def test_steps_and_epochs_in_a_config_file_are_refused_but_a_flag_replaces_the_files(tmp_path):
+    both = tmp_path / "both.toml"
+    both.write_text("epochs = 2\nsteps = 5\n")
+    res = invoke("run", "--mech", "dpsgd", "--eps", "3", "--dataset", "synthetic", "--config", str(both), "--quiet")
+    assert res.exit_code == 2 and f"in --config {both}" in " ".join(res.output.split())
+    one = tmp_path / "one.toml"
+    one.write_text("epochs = 2\n")
+    assert invoke("run", "--mech", "dpsgd", "--eps", "3", "--dataset", "synthetic", "--config", str(one),
+                  "--steps", "3", "--quiet").exit_code == 0
+    assert rows()[0]["steps"] == "3"
+
+
+def test_account_refuses_steps_with_epochs_and_an_infinite_clip():
+    res = invoke("account", "--mech", "dpsgd", "--eps", "3", "--epochs", "2", "--steps", "5")
+    assert res.exit_code == 2 and "--steps 5 would have been used" in " ".join(res.output.split())
+    res = invoke("account", "--mech", "modelmix", "--eps", "3", "--clip", "inf")
+    assert res.exit_code == 2 and "--clip inf" in res.output
+
+
+@pytest.mark.parametrize("mech", ["dpsgd", "dpis", "ged"])
+def test_a_huge_eps_target_calibrates_a_tiny_noise_instead_of_crashing(mech):
+    # today: the PRV accountant allocated 13 TiB for the tiny noise and died with MemoryError (exit 1)
+    res = invoke("account", "--mech", mech, "--eps", "1e9", "--json",
+                 *(["--set", "k=8", "--set", "codebook_rows=4"] if mech == "ged" else []))
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert 0 < out["noise_multiplier"] < 0.1 and out["eps"] <= 1e9 and out["eps_prv"] is None
+
+
+def test_a_huge_eps_run_trains_and_records_its_eps():
+    res = invoke("run", "--mech", "dpsgd", "--eps", "1e9", *QUICK)
+    assert res.exit_code == 0, res.output
+    (row,) = rows()
+    assert float(row["eps_spent"]) <= 1e9 and float(row["noise_multiplier"]) < 0.01 and row["eps_prv"] == ""
+
+
+def test_nonprivate_says_that_it_ignores_eps():
+    res = invoke("run", "--mech", "nonprivate", "--eps", "3", *QUICK)
+    assert res.exit_code == 0
+    assert "warning: --eps 3 is ignored" in " ".join(res.stderr.split())
+    assert "ignored" not in invoke("run", "--mech", "nonprivate", *QUICK).stderr

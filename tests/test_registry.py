@@ -98,3 +98,66 @@ def test_plugin_runs_end_to_end_from_the_command_line(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "halfclip" in (tmp_path / "r.csv").read_text()
+
+
+BROKEN = {
+    "dpbench_badimport": "import a_module_that_does_not_exist\n",
+    "dpbench_notamech": "def NotAMechanism():\n    return None\n",
+    "dpbench_noname": textwrap.dedent('''
+        from dpbench.mechanisms.base import Mechanism
+
+        class NoName(Mechanism):
+            summary = "forgot its name"
+    '''),
+}
+
+
+def make_broken_plugins(root: Path) -> None:
+    """One distribution with a good plugin and three broken ones."""
+    make_plugin(root)
+    for module, text in BROKEN.items():
+        (root / f"{module}.py").write_text(text)
+    info = root / "dpbench_halfclip-0.1.dist-info"
+    (info / "entry_points.txt").write_text(
+        "[dpbench.mechanisms]\nhalfclip = dpbench_halfclip:HalfClip\nbadimport = dpbench_badimport:Mech\n"
+        "notamech = dpbench_notamech:NotAMechanism\nnoname = dpbench_noname:NoName\n")
+
+
+def test_broken_plugins_are_one_warning_each_and_the_rest_still_works(tmp_path):
+    make_broken_plugins(tmp_path)
+    env = {"PYTHONPATH": str(tmp_path), "DPBENCH_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "300",
+           "OMP_WAIT_POLICY": "PASSIVE", "DPBENCH_CACHE": str(tmp_path / "cache")}
+    ls = subprocess.run([sys.executable, "-m", "dpbench.cli", "ls", "mechanisms"], capture_output=True,
+                        text=True, env=env, cwd=tmp_path)
+    assert ls.returncode == 0, ls.stderr  # today: a traceback from the import error
+    assert "halfclip" in ls.stdout and "dpsgd" in ls.stdout
+    warnings = [line for line in ls.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, ls.stderr
+    for name, why in (("badimport", "ModuleNotFoundError"), ("notamech", "not a subclass"),
+                      ("noname", "name = 'base'")):
+        assert any(f"'{name}'" in w and why in w for w in warnings), (name, warnings)
+    run = subprocess.run([sys.executable, "-m", "dpbench.cli", "run", "--mech", "noname", "--dataset", "synthetic",
+                          "--eps", "8", "--steps", "1", "--quiet", "--out", "r.csv"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 2 and "noname" in run.stderr and not (tmp_path / "r.csv").exists()
+
+
+def test_the_registry_checks_the_base_class_and_the_name():
+    from dpbench.mechanisms.base import Mechanism
+    from dpbench.errors import BrokenPlugin
+
+    reg: Registry = Registry("mechanism", base=Mechanism)
+
+    class Good(Mechanism):
+        name = "good"
+
+    class Unnamed(Mechanism):
+        pass
+
+    reg.register("good")(Good)
+    reg.register("unnamed")(Unnamed)
+    reg.register("function")(lambda: None)
+    assert reg.get("good") is Good and reg.problem("good") is None
+    with pytest.raises(BrokenPlugin, match="must set name = 'unnamed'"):
+        reg.get("unnamed")
+    assert "not a subclass" in reg.problem("function")

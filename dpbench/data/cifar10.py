@@ -29,7 +29,8 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, TrainTransform, cache_dir, offline_roots
+from dpbench.data.base import (DatasetBundle, TrainTransform, cache_dir, cache_remedy, offline_roots,
+                               reading_data_file, source_remedy)
 from dpbench.errors import BadInput
 
 OFFLINE_FILE = Path("cifar10") / "cifar10_jpeg_q75.npz"
@@ -75,18 +76,29 @@ def _decode(jpeg: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
+def _checked(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoded splits, or a ValueError when a split's images and labels do not match up."""
+    for split in ("train", "test"):
+        x, y = tensors[f"{split}_x"], tensors[f"{split}_y"]
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32) or tuple(y.shape) != (len(x),) or not len(x):
+            raise ValueError(f"{split} split has images {tuple(x.shape)} and labels {tuple(y.shape)}")
+    return tensors
+
+
 def decoded_offline(source: Path) -> dict[str, torch.Tensor]:
     """The offline npz decoded to uint8 tensors, from the cache when this file was decoded before."""
-    cached = cache_dir() / "cifar10" / f"jpeg-{file_hash(source)}.pt"
+    with reading_data_file(source, source_remedy(source)):
+        cached = cache_dir() / "cifar10" / f"jpeg-{file_hash(source)}.pt"
     if cached.is_file():
-        return torch.load(cached)
-    with np.load(source, allow_pickle=False) as npz:
-        tensors = {
+        with reading_data_file(cached, cache_remedy(cached)):
+            return _checked(torch.load(cached))
+    with reading_data_file(source, source_remedy(source)), np.load(source, allow_pickle=False) as npz:
+        tensors = _checked({
             "train_x": _decode(npz["train_jpeg"], npz["train_offsets"]),
             "train_y": torch.from_numpy(npz["train_labels"].astype(np.int64)),
             "test_x": _decode(npz["test_jpeg"], npz["test_offsets"]),
             "test_y": torch.from_numpy(npz["test_labels"].astype(np.int64)),
-        }
+        })
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
     torch.save(tensors, tmp)

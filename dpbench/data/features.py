@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from dpbench.data.base import DatasetBundle, cache_dir
+from dpbench.data.base import DatasetBundle, cache_dir, cache_remedy, reading_data_file
 from dpbench.errors import BadInput
 
 SCATTER_J, SCATTER_L = 2, 8
@@ -92,7 +92,10 @@ def scatter_features(bundle: DatasetBundle, device: torch.device | str = "cpu") 
     key = _tensor_hash(train_x, test_x)
     cached = cache_dir() / "scatter" / f"{bundle.name}-{key}.pt"
     if cached.is_file():
-        feats = torch.load(cached)
+        with reading_data_file(cached, cache_remedy(cached)):
+            feats = torch.load(cached)
+            if len(feats["train_x"]) != len(train_x) or len(feats["test_x"]) != len(test_x):
+                raise ValueError("feature rows differ from the dataset's")
     else:
         from rich.console import Console
 

@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, cache_dir, offline_roots
+from dpbench.data.base import DatasetBundle, cache_dir, cache_remedy, offline_roots, reading_data_file, source_remedy
 from dpbench.errors import BadInput
 
 MAX_WORDS = 10_000
@@ -135,11 +135,23 @@ def _encoded(data_dir: str | None) -> dict[str, torch.Tensor]:
     length = seq_len()
     h = hashlib.sha256(f"{TOKENIZER_VERSION}/{MAX_WORDS}/{length}".encode())
     for f in files:
-        h.update(f.read_bytes())
+        with reading_data_file(f, source_remedy(f)):
+            h.update(f.read_bytes())
     cached = cache_dir() / "imdb" / f"encoded-{h.hexdigest()[:16]}.pt"
     if cached.is_file():
-        return torch.load(cached)
-    splits = {"train": _read_jsonl(files[0]), "test": _read_jsonl(files[1])} if offline else _read_archive(files[0])
+        with reading_data_file(cached, cache_remedy(cached)):
+            tensors = torch.load(cached)
+            if tuple(tensors["train_x"].shape[:1]) != tuple(tensors["train_y"].shape):
+                raise ValueError("train inputs and labels differ in length")
+            return tensors
+    if offline:
+        splits = {}
+        for split, f in zip(("train", "test"), files):
+            with reading_data_file(f, source_remedy(f)):
+                splits[split] = _read_jsonl(f)
+    else:
+        with reading_data_file(files[0], source_remedy(files[0])):
+            splits = _read_archive(files[0])
     vocab = build_vocabulary(text for _, _, text in splits["train"])
     tensors = {}
     for split, records in splits.items():

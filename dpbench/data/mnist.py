@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -19,7 +20,8 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, cache_dir, offline_roots, validation_split
+from dpbench.data.base import (DatasetBundle, cache_dir, cache_remedy, offline_roots, reading_data_file,
+                               source_remedy, validation_split)
 from dpbench.errors import BadInput
 
 #: Training records held out as the validation split of ``mnist_val`` / ``fmnist_val``.
@@ -39,16 +41,36 @@ def _prepare_offline(cls: type, sources: list[Path]) -> Path:
     root = cache_dir() / "idx" / _hash_files(sources)
     raw = root / cls.__name__ / "raw"
     if not all((raw / name).exists() for name in IDX_FILES):
+        fresh = not root.exists()
         raw.mkdir(parents=True, exist_ok=True)
         for src, name in zip(sources, IDX_FILES):
             # a name of its own for every writer: sweep jobs that start together on a fresh cache
             # decompress the same files at once, and a shared temporary name lets one move the
             # other's half-written file into place
             fd, tmp_name = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=raw)
-            with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
+            try:
+                with reading_data_file(src, source_remedy(src)), gzip.open(src, "rb") as fin, \
+                        os.fdopen(fd, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+            except BadInput:
+                Path(tmp_name).unlink(missing_ok=True)
+                if fresh:  # an entry keyed on a damaged source can never be completed
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
             Path(tmp_name).replace(raw / name)
     return root
+
+
+def check_idx_size(path: Path) -> None:
+    """A ValueError unless the IDX file's size is what its header's dimensions say (a cut file is shorter)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        if len(head) < 4 or head[:2] != b"\x00\x00":
+            raise ValueError("not an IDX file (bad magic number)")
+        dims = [int.from_bytes(fh.read(4), "big") for _ in range(head[3])]
+    expected = 4 + 4 * len(dims) + math.prod(dims)
+    if path.stat().st_size != expected:
+        raise ValueError(f"{path.stat().st_size} bytes where its header {dims} needs {expected}")
 
 
 def _load(name: str, cls: type, subdir: str, mean: float, std: float, data_dir: str | None) -> DatasetBundle:
@@ -79,7 +101,15 @@ def _load(name: str, cls: type, subdir: str, mean: float, std: float, data_dir: 
     normalise = T.Normalize((mean,), (std,))
 
     def tensors(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = cls(root=root, train=train, download=False)
+        # the IDX files torchvision reads are dpbench's decompressed cache entry, or torchvision's download
+        raw = Path(root) / cls.__name__ / "raw"
+        for name in IDX_FILES[:2] if train else IDX_FILES[2:]:
+            with reading_data_file(raw / name, cache_remedy(raw / name)):
+                check_idx_size(raw / name)
+        with reading_data_file(raw, cache_remedy(raw)):
+            ds = cls(root=root, train=train, download=False)
+            if len(ds.data) != len(ds.targets):
+                raise ValueError(f"{len(ds.data)} images but {len(ds.targets)} labels")
         x = normalise(ds.data.unsqueeze(1).float() / 255.0)
         return x.contiguous(), ds.targets.long()
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from dpbench.mechanisms.base import Mechanism
 from dpbench.registry import Registry
 
-MECHANISMS: Registry[Any] = Registry("mechanism", entry_point_group="dpbench.mechanisms")
+MECHANISMS: Registry[Any] = Registry("mechanism", entry_point_group="dpbench.mechanisms", base=Mechanism)
 
 from dpbench.mechanisms import dpsgd, nonprivate  # noqa: E402,F401  (registers the built-ins)
 from dpbench.mechanisms import rs, scaling  # noqa: E402,F401  (auto_s, psac, psasc, rs)

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 import numpy as np
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from dpbench.errors import BadInput
+from dpbench.mechanisms.norms import bounded_factors, per_sample_norms
 from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
 from dpbench.registry import did_you_mean
 
@@ -87,6 +89,31 @@ class DPBenchOptimizer(DPOptimizer):
 
     #: Set by the audit: returns per-parameter tensors to add to the sum, or None to add nothing.
     canary: Callable[[], list[torch.Tensor] | None] | None = None
+
+    def clip_and_accumulate(self) -> None:
+        """DP-SGD's clipping to C, with every contribution within C after float32 rounding.
+
+        Opacus' own clipping computes the factor from a float32 norm (off by up to ~1e-3 relative on
+        large layers) and rounds it to nearest (up to 2x in the subnormal range); see ``norms.py``.
+        """
+        self.accumulate_weighted(lambda norms: torch.ones_like(norms), self.max_grad_norm)
+
+    def accumulate_weighted(self, weight: Callable[[torch.Tensor], torch.Tensor], bound: float) -> torch.Tensor:
+        """Add ``sum_i f_i g_i`` to ``summed_grad``, ``f_i = weight(norms)_i`` lowered so ``||f_i g_i|| <= bound``.
+
+        ``weight`` maps the float64 per-sample norms to float64 factors. Returns those norms.
+        """
+        grad_samples = self.grad_samples
+        norms = per_sample_norms(grad_samples)
+        weights = weight(norms) if len(norms) else torch.zeros_like(norms)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            factors = bounded_factors(weights.to(grad_sample.device), norms.to(grad_sample.device), bound, p.dtype)
+            contribution = torch.einsum("i,i...", factors, grad_sample)
+            p.summed_grad = contribution if p.summed_grad is None else p.summed_grad + contribution
+            _mark_as_processed(p.grad_sample)
+        return norms
 
     def add_canary(self) -> None:
         """Add the audit's canary (if any) to the summed gradient; subclasses' ``add_noise`` call this first."""

@@ -57,7 +57,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from dpbench.errors import BadInput
@@ -141,22 +140,17 @@ class ImportanceSampledOptimizer(DPBenchOptimizer):
     def clip_and_accumulate(self) -> None:
         if not math.isfinite(self.k_hat) or self.k_hat <= 0:
             raise RuntimeError("DPIS step without a released normaliser (begin_step was not called)")
-        grad_samples = self.grad_samples
-        norms = per_sample_norms(grad_samples)
-        clipped = norms.clamp(max=self.max_grad_norm)
-        prob = inclusion_probabilities(clipped, self.k_hat, self.batch_size, self.candidate_rate)
-        uniform = torch.rand(len(norms), generator=self.draw_generator, device=norms.device,
-                             dtype=norms.dtype)
-        kept = uniform < prob  # n_i = 0 gives prob 0: never kept
-        self.drawn += int(kept.sum())
-        # clip(g_i) / (B n_i / K^) = (K^/B) g_i / ||g_i||; the guard keeps unkept zero-norm rows finite.
-        coef = torch.where(kept, self.term_norm / norms.clamp(min=torch.finfo(norms.dtype).tiny),
-                           torch.zeros_like(norms))
-        for p, grad_sample in zip(self.params, grad_samples):
-            _check_processed_flag(p.grad_sample)
-            grad = torch.einsum("i,i...", coef.to(device=grad_sample.device, dtype=p.dtype), grad_sample.to(p.dtype))
-            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            _mark_as_processed(p.grad_sample)
+        def weights(norms: torch.Tensor) -> torch.Tensor:
+            clipped = norms.clamp(max=self.max_grad_norm)
+            prob = inclusion_probabilities(clipped, self.k_hat, self.batch_size, self.candidate_rate)
+            uniform = torch.rand(len(norms), generator=self.draw_generator, device=norms.device, dtype=norms.dtype)
+            kept = uniform < prob  # n_i = 0 gives prob 0: never kept
+            self.drawn += int(kept.sum())
+            # clip(g_i) / (B n_i / K^) = (K^/B) g_i / ||g_i||; the guard keeps unkept zero-norm rows finite.
+            return torch.where(kept, self.term_norm / norms.clamp(min=torch.finfo(norms.dtype).tiny),
+                               torch.zeros_like(norms))
+
+        self.accumulate_weighted(weights, self.term_norm)
 
     def add_noise(self) -> None:
         # Opacus draws N(0, (noise_multiplier * max_grad_norm)^2); this step's sensitivity is K^/B, not C.

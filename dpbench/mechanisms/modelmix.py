@@ -37,6 +37,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
+from dpbench.mechanisms.norms import bounded_factors, per_sample_norms, round_toward_zero
 from dpbench.models import build_model
 from dpbench.privacy.modelmix import modelmix_rdp, rho
 from dpbench.privacy.rdp import INTEGER_ORDERS
@@ -105,16 +106,16 @@ class ModelMixOptimizer(DPBenchOptimizer):
 
     def clip_and_accumulate(self) -> None:
         """Algorithm 2: scale each sample to l2 norm at most C, then cap every coordinate at C/sqrt(p)."""
-        if len(self.grad_samples[0]) == 0:
-            factor = torch.zeros((0,), device=self.grad_samples[0].device)
-        else:
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1).norm(2, dim=1)
-            factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        norms = per_sample_norms(self.grad_samples)
         for p in self.params:
             _check_processed_flag(p.grad_sample)
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            scale = factor.to(grad_sample).view(-1, *([1] * (grad_sample.dim() - 1)))
-            clipped = (grad_sample * scale).clamp(-self.coordinate_bound, self.coordinate_bound)
+            # the l2 factor stays within C after float32 rounding (norms.py); the l-inf cap only lowers it
+            factor = bounded_factors(torch.ones_like(norms), norms, self.max_grad_norm, p.dtype)
+            scale = factor.to(grad_sample.device).view(-1, *([1] * (grad_sample.dim() - 1)))
+            # the cap in the gradients' dtype, rounded down: float32(0.1) is above 0.1
+            cap = float(round_toward_zero(torch.tensor([self.coordinate_bound], dtype=torch.float64), p.dtype))
+            clipped = (grad_sample * scale).clamp(-cap, cap)
             summed = clipped.sum(dim=0)
             p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
             _mark_as_processed(p.grad_sample)

@@ -31,12 +31,10 @@ import math
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param
-from dpbench.mechanisms.norms import per_sample_norms
 from dpbench.registry import did_you_mean
 
 #: ``w(norms, C, params) -> weights``: one weight per sample, from its gradient norm.
@@ -106,23 +104,11 @@ class ScalingOptimizer(DPBenchOptimizer):
     def clip_and_accumulate(self) -> None:
         if self.per_sample_weight is None:
             raise RuntimeError("ScalingOptimizer used without a per-sample weight")
-        flat = self.grad_samples
-        if len(flat[0]) == 0:  # an empty Poisson batch: nothing to scale, the noise still goes out
-            weights = torch.zeros((0,), device=flat[0].device, dtype=torch.float64)
-        else:
-            # Weights in float64, the precision check_sensitivity verified: in float32 a small r underflows
-            # to 0 (PSAC's r/(x + r) is then 0/0 at x = 0) and a large one overflows.
-            weights = self.per_sample_weight(per_sample_norms(flat))
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            # A weight beyond the parameters' dtype (Auto-S's C/gamma at x = 0 for a tiny gamma) would be inf,
-            # and inf * 0 = NaN would leak whether some sample's gradient is zero. Lowering a weight never
-            # raises x w(x), so saturating it keeps the sensitivity within C.
-            factor = weights.clamp(max=torch.finfo(p.dtype).max).to(device=grad_sample.device, dtype=p.dtype)
-            contribution = torch.einsum("i,i...", factor, grad_sample)
-            p.summed_grad = contribution if p.summed_grad is None else p.summed_grad + contribution
-            _mark_as_processed(p.grad_sample)
+        # Weights in float64, the precision check_sensitivity verified: in float32 a small r underflows to 0
+        # (PSAC's r/(x + r) is then 0/0 at x = 0) and a large one overflows. accumulate_weighted saturates a
+        # weight beyond float32 (inf * 0 = NaN would leak that some gradient is zero) and rounds it down, so
+        # no contribution passes C after the cast.
+        self.accumulate_weighted(self.per_sample_weight, self.max_grad_norm)
 
     def scale_grad(self) -> None:
         super().scale_grad()

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln, logsumexp
 
-from dpbench.data.base import cache_dir
+from dpbench.data.base import cache_dir, cache_remedy, reading_data_file
 from dpbench.errors import BadInput
 from dpbench.privacy.rdp import INTEGER_ORDERS, eps_classic, eps_opacus, sgm_rdp
 
@@ -105,7 +105,7 @@ def load_codebook(spec: CodebookSpec) -> np.ndarray:
     folder = cache_dir() / "ged"
     path = folder / f"codebook-{spec.key()}.npz"
     if path.exists():
-        with np.load(path) as f:
+        with reading_data_file(path, cache_remedy(path)), np.load(path) as f:
             if json.loads(str(f["spec"])) == asdict(spec):
                 return f["rows"].astype(np.float64)
     rows = generate_codebook(spec)

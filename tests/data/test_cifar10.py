@@ -155,3 +155,29 @@ def test_identical_copies_change_nothing_so_copies_are_averaged_not_counted(mech
     torch.testing.assert_close(params(_synthetic(3, identity)), base, rtol=1e-4, atol=1e-6)
     shifted = params(_synthetic(3, lambda x, g: x + torch.randn(x.shape, generator=g)))
     assert not torch.allclose(shifted, base)
+
+
+def _run(root, out):
+    return CliRunner().invoke(app, ["run", "--mech", "dpsgd", "--dataset", "cifar10", "--model", "linear",
+                                    "--data-dir", str(root), "--eps", "3", "--steps", "1", "--quiet", "--out", str(out)])
+
+
+def test_a_truncated_source_file_is_named_exit_2(cifar_root, tmp_path):
+    root, _, _ = cifar_root
+    source = root / "cifar10" / "cifar10_jpeg_q75.npz"
+    source.write_bytes(source.read_bytes()[:1000])
+    res = _run(root, tmp_path / "res" / "runs.csv")
+    text = res.output.replace("\n", "")
+    assert res.exit_code == 2 and str(source) in text and "truncated or corrupt" in text
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_corrupt_cache_entry_is_named_exit_2(cifar_root, tmp_path):
+    root, _, _ = cifar_root
+    load_dataset("cifar10", str(root))
+    cached = next((tmp_path / "cache" / "cifar10").glob("jpeg-*.pt"))
+    cached.write_bytes(cached.read_bytes()[:300])
+    res = _run(root, tmp_path / "res" / "runs.csv")
+    text = res.output.replace("\n", "")
+    assert res.exit_code == 2 and str(cached) in text and f"rm {cached}" in text
+    assert not (tmp_path / "res").exists()

@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from dpbench.cli import app
 from dpbench.data import dataset_variant, load_dataset
 from dpbench.data import imdb
 from dpbench.errors import BadInput
@@ -102,3 +104,27 @@ def test_missing_copy_is_bad_input_naming_the_paths_tried(tmp_path):
         load_dataset("imdb", str(tmp_path / "only_mnist"))
     assert str(tmp_path / "only_mnist" / "imdb") in str(err.value)
     assert "DPBENCH_OFFLINE" in str(err.value)
+
+
+def _run(root, out):
+    return CliRunner().invoke(app, ["run", "--mech", "dpsgd", "--dataset", "imdb", "--data-dir", str(root),
+                                    "--eps", "3", "--steps", "1", "--quiet", "--out", str(out)])
+
+
+def test_a_truncated_source_file_is_named_exit_2(imdb_root, tmp_path):
+    source = imdb_root / "imdb" / "imdb_test.jsonl.gz"
+    source.write_bytes(source.read_bytes()[:40])
+    res = _run(imdb_root, tmp_path / "res" / "runs.csv")
+    text = res.output.replace("\n", "")
+    assert res.exit_code == 2 and str(source) in text and "truncated or corrupt" in text and "SHA256SUMS" in text
+    assert not (tmp_path / "res").exists()
+
+
+def test_a_corrupt_cache_entry_is_named_exit_2(imdb_root, tmp_path):
+    load_dataset("imdb", str(imdb_root))
+    cached = next((tmp_path / "cache" / "imdb").glob("encoded-*.pt"))
+    cached.write_bytes(cached.read_bytes()[:200])
+    res = _run(imdb_root, tmp_path / "res" / "runs.csv")
+    text = res.output.replace("\n", "")
+    assert res.exit_code == 2 and str(cached) in text and f"rm {cached}" in text
+    assert not (tmp_path / "res").exists()

@@ -109,3 +109,43 @@ def test_folder_with_only_some_datasets_names_the_paths_tried(mnist_root):
     res = CliRunner().invoke(app, ["run", "--mech", "dpsgd", "--dataset", "fmnist", "--data-dir", str(root),
                                    "--eps", "3", "--steps", "1", "--quiet"])
     assert res.exit_code == 2 and str(root / "fmnist") in res.output.replace("\n", "")
+
+
+def _run_exit_2_naming(path, root, out) -> str:
+    """Run on ``root``; the run must exit 2 with one line naming ``path`` and write no results."""
+    res = CliRunner().invoke(app, ["run", "--mech", "dpsgd", "--dataset", "mnist", "--data-dir", str(root),
+                                   "--eps", "3", "--steps", "1", "--quiet", "--out", str(out)])
+    text = res.output.replace("\n", "")
+    assert res.exit_code == 2, res.output
+    assert str(path) in text and "truncated or corrupt" in text
+    assert not out.exists() and not (out.parent / "runs").exists()
+    return text
+
+
+def test_a_truncated_source_file_is_named_with_how_to_fix_it(mnist_root, tmp_path):
+    root, _ = mnist_root
+    source = root / "mnist" / "train-images-idx3-ubyte.gz"
+    source.write_bytes(source.read_bytes()[:60])  # today: gzip's EOFError, shown by click as a bare "Aborted."
+    text = _run_exit_2_naming(source, root, tmp_path / "res" / "runs.csv")
+    assert "sha256sum -c SHA256SUMS" in text
+    assert not list((tmp_path / "cache").glob("idx/*"))  # no half-built cache entry is left behind
+
+
+def test_a_truncated_cache_entry_is_named_with_how_to_fix_it(mnist_root, tmp_path):
+    root, _ = mnist_root
+    load_dataset("mnist", str(root))
+    cached = next((tmp_path / "cache" / "idx").glob("*/MNIST/raw/t10k-images-idx3-ubyte"))
+    cached.write_bytes(cached.read_bytes()[:100])
+    text = _run_exit_2_naming(cached, root, tmp_path / "res" / "runs.csv")
+    assert f"rm {cached}" in text
+    cached.unlink()  # the fix the message gives works
+    assert load_dataset("mnist", str(root)).test_x.shape == (N_TEST, 1, 28, 28)
+
+
+def test_idx_size_check_accepts_whole_files_and_rejects_cut_ones(tmp_path):
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 2, 28, 28) + bytes(2 * 784))
+    mnist.check_idx_size(path)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="needs"):
+        mnist.check_idx_size(path)
