@@ -10,7 +10,6 @@ run that continued a reproducible run's checkpoint would carry on its seed-deriv
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from dpbench.errors import BadInput
+from dpbench.storage import save_torch_atomic
 
 
 class Checkpointer:
@@ -55,10 +55,7 @@ class Checkpointer:
         if self.secure:
             state.pop("generators", None)
             state.pop("torch_rng", None)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        save_torch_atomic(self.path, state)
         self._last = time.monotonic()
         return True
 

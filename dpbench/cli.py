@@ -85,8 +85,10 @@ def run(
 
 
 def _warn_ignored_eps(mech: str, eps: float | None) -> None:
-    if mech == "nonprivate" and eps is not None and not math.isinf(eps):
-        err.print(f"[yellow]warning:[/] --eps {eps:g} is ignored: nonprivate trains without clipping or noise "
+    from dpbench.config import is_private
+
+    if not is_private(mech) and eps is not None and not math.isinf(eps):
+        err.print(f"[yellow]warning:[/] --eps {eps:g} is ignored: {mech} trains without clipping or noise "
                   "(eps = inf)", highlight=False, soft_wrap=True)
 
 
@@ -104,7 +106,10 @@ def _print_summary(row: dict[str, Any], path: str) -> None:
     t.add_row("eps spent / target", f"{_fmt(row['eps_spent'])} / {_fmt(row['eps_target'])}  (delta {row['delta']:g}, {row['accountant']})")
     t.add_row("eps PRV / classic", f"{_fmt(row['eps_prv'])} / {_fmt(row['eps_classic'])}")
     t.add_row("noise multiplier", _fmt(row["noise_multiplier"]))
-    t.add_row("steps (epochs)", f"{row['steps']} ({row['epochs']:.4g}), q = {row['sample_rate']:.4g}")
+    rates = f"q = {row['sample_rate']:.4g}"
+    if row.get("release_rate") is not None and row["release_rate"] != row["sample_rate"]:
+        rates += f", release rate {row['release_rate']:.4g}"
+    t.add_row("steps (epochs)", f"{row['steps']} ({row['epochs']:.4g}), {rates}")
     t.add_row("time", f"{row['wall_s']:.1f} s, {row['samples_per_s']:.0f} samples/s, peak {row['peak_mem_mb']:.0f} MB")
     t.add_row("row appended to", path)
     t.add_row("command", row["command"])
@@ -185,6 +190,8 @@ def account(
     t_ = Table(title=f"{mech}: N={size}, B={b}, C={_fmt(c)}, q={q:.4g}, T={report.steps}, delta={delta:g}",
                show_header=False)
     t_.add_row("noise multiplier", _fmt(report.noise_multiplier))
+    if report.release_rate != report.sample_rate:
+        t_.add_row("release rate (differing record enters the release)", _fmt(report.release_rate))
     t_.add_row(f"eps ({report.accountant}, Opacus conversion)", f"{_fmt(report.eps)} at alpha {report.alpha:g}")
     t_.add_row("eps (classic conversion)", _fmt(report.eps_classic))
     t_.add_row("eps (sampled-Gaussian RDP)", _fmt(report.eps_rdp))
@@ -288,13 +295,20 @@ def report(
     csv_file: str = typer.Argument(..., help="results CSV"),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="markdown path [default: stdout]"),
     title: str = typer.Option("dpbench report", help="report title"),
+    baseline: str = typer.Option("dpsgd", help="mechanism every other one is paired with, seed by seed"),
+    baseline_config: list[str] = typer.Option([], "--baseline-config", help=(
+        "config_hash (or a prefix) of the baseline configuration to pair with, where the CSV holds several "
+        "(repeatable: one per dataset/model/eps/steps cell)")),
 ) -> None:
-    """A markdown table per dataset: mean +- std, seeds, paired difference to dpsgd, published numbers."""
+    """A markdown table per dataset: mean +- std, seeds, paired difference to a baseline, published numbers."""
+    from dpbench.mechanisms import MECHANISMS
     from dpbench.report import build_report
     from dpbench.tables import load_results
 
     try:
-        text = build_report(load_results(csv_file), title=title)
+        MECHANISMS.entry(baseline)  # a typo fails with a "did you mean"
+        text = build_report(load_results(csv_file), title=title, baseline=baseline,
+                            baseline_configs=tuple(baseline_config))
     except BadInput as exc:
         raise fail(exc)
     if output:
@@ -333,7 +347,7 @@ def audit(
 ) -> None:
     """One-run privacy audit (Steinke et al. 2023): an empirical lower bound on eps, at 95% confidence."""
     from dpbench.audit.runner import run_audit
-    from dpbench.config import parse_sets, resolve
+    from dpbench.config import is_private, parse_sets, resolve
 
     options: dict[str, Any] = dict(
         mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
@@ -341,7 +355,7 @@ def audit(
         momentum=momentum, clip=clip, seed=seed, device=device, data_dir=data_dir,
         out=out_csv or "results/audit.csv", force=force or None)
     try:
-        if eps is None and mech != "nonprivate":
+        if eps is None and is_private(mech):
             raise BadInput("missing --eps: give the claimed epsilon (or inf for the non-private control)")
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options)
@@ -374,7 +388,7 @@ def _print_verdict(row: dict[str, Any], path: str) -> None:
 def _parameter_count(model: str, meta: dict[str, Any]) -> str:
     """Trainable parameters of ``model`` built for its first dataset's inputs (``*``: MNIST)."""
     from dpbench.data import DATASETS
-    from dpbench.data.features import model_input_shape
+    from dpbench.models.inputs import model_input_shape
     from dpbench.models import build_model, count_parameters
 
     dataset = next((d for d in meta.get("datasets", ()) if d in DATASETS), "mnist")

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shlex
 import tomllib
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ class RunConfig:
     def command(self) -> str:
         """The fully resolved ``dpbench run`` command that reproduces this run (recipe-independent)."""
         parts = ["dpbench", "run", "--mech", self.mech, "--dataset", self.dataset, "--model", self.model]
-        if self.mech != "nonprivate":
+        if not math.isinf(self.eps):  # a non-private mechanism runs at eps = inf and takes no --eps
             parts += ["--eps", f"{self.eps:g}"]
         parts += ["--delta", f"{self.delta:g}", "--batch-size", str(self.batch_size)]
         parts += ["--steps", str(self.steps)] if self.steps is not None else ["--epochs", f"{self.epochs:g}"]
@@ -156,9 +155,9 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     DATASETS.entry(given["dataset"])
     eps = float(given.get("eps", "nan"))
     mech = given["mech"]
-    if math.isinf(eps) and eps > 0 and mech != "nonprivate":
+    if math.isinf(eps) and eps > 0 and is_private(mech):
         mech = "nonprivate"  # --eps inf is the non-private control
-    if mech == "nonprivate":
+    if not is_private(mech):
         eps = float("inf")
     recipe = recipe_for(given["dataset"], mech, given.get("model")).as_dict()  # a model may have its own recipe
     recipe.pop("source")
@@ -181,11 +180,19 @@ def _check_one_horizon(options: dict[str, Any], where: str) -> None:
                        f"of them (--steps {options['steps']} would have been used and --epochs ignored)")
 
 
+def is_private(mech: str) -> bool:
+    """Whether mechanism ``mech`` trains under a privacy guarantee (its class says so, not its name)."""
+    from dpbench.mechanisms import MECHANISMS
+
+    return bool(MECHANISMS.get(mech).private)
+
+
 def validate_options(cfg: RunConfig) -> None:
     """Reject bad values that need no data (checked before any dataset is loaded or downloaded)."""
-    if cfg.mech != "nonprivate" and math.isnan(cfg.eps):
+    private = is_private(cfg.mech)
+    if private and math.isnan(cfg.eps):
         raise BadInput("missing or invalid --eps: give a positive number (or inf for the non-private control)")
-    if cfg.mech != "nonprivate" and cfg.eps <= 0:
+    if private and cfg.eps <= 0:
         raise BadInput(f"--eps {cfg.eps}: must be a positive number (or inf)")
     if not (0.0 < cfg.delta < 1.0) or math.isnan(cfg.delta):
         raise BadInput(f"--delta {cfg.delta}: must be in (0, 1)")

@@ -31,12 +31,12 @@ from rich.console import Console
 from dpbench.checkpoint import Checkpointer, checkpoint_path
 from dpbench.config import RunConfig, check_writable, validate, validate_options
 from dpbench.data import DatasetBundle, load_dataset
-from dpbench.data.features import prepare_for_model
 from dpbench.environment import LoadMeter, environment
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import Mechanism, TrainContext
 from dpbench.models import MODELS, build_model, count_parameters
+from dpbench.models.inputs import prepare_for_model
 from dpbench.privacy import account, calibrate
 from dpbench.progress import TrainingProgress
 from dpbench.results import append_row, check_compatible, run_record_path, write_json_atomic
@@ -175,7 +175,8 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     criterion = nn.CrossEntropyLoss()
     ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, train_x=x, train_y=y, criterion=criterion,
                        noise_multiplier=noise_multiplier, sample_rate=q, steps=steps, physical_batch_size=physical,
-                       device=device, make_generator=generator)
+                       device=device, make_generator=generator,
+                       build_model=lambda: build_model(cfg.model, data.input_shape, data.num_classes))
     mech.setup(ctx)
 
     start, samples, ema_loss, done_wall = 0, 0, float("nan"), 0.0
@@ -303,7 +304,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         "mech": cfg.mech, "dataset": cfg.dataset, "dataset_variant": data.variant, "model": cfg.model,
         "eps_target": cfg.eps, "delta": cfg.delta, "eps_spent": privacy.eps, "accountant": privacy.accountant,
         "eps_rdp": privacy.eps_rdp, "eps_prv": privacy.eps_prv, "noise_multiplier": noise,
-        "sample_rate": privacy.sample_rate, "batch_size": cfg.batch_size, "epochs": cfg.nominal_epochs(n),
+        "sample_rate": q, "release_rate": privacy.release_rate, "batch_size": cfg.batch_size, "epochs": cfg.nominal_epochs(n),
         "steps": steps, "lr": cfg.lr, "clip": cfg.clip, "seed": cfg.seed, "test_acc": outcome.test_acc,
         "test_loss": outcome.test_loss, "wall_s": round(outcome.train_wall_s, 3),
         "samples_per_s": round(outcome.samples_seen / max(outcome.train_wall_s, 1e-9), 1),

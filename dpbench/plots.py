@@ -25,7 +25,8 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
     """Build the figure (also used by tests, which inspect its artists)."""
     summary = summarize(df)
     panels = list(summary[["dataset", "model"]].drop_duplicates().itertuples(index=False, name=None))
-    mechs = sorted(m for m in summary["mech"].unique() if m != "nonprivate")
+    private = summary["eps_target"].map(math.isfinite)  # eps = inf rows are the non-private control
+    mechs = sorted(summary.loc[private, "mech"].unique())
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(mechs)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.5, 3.6), squeeze=False)
     handles: dict[str, object] = {}
@@ -41,7 +42,7 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
             h = ax.errorbar(rows["eps_target"], 100 * rows["mean"], yerr=100 * rows["std"], marker="o", ms=4,
                             capsize=3, lw=1.5, color=colours[mech], label=mech)
             handles.setdefault(mech, h)
-        control = part[part["mech"] == "nonprivate"]
+        control = part[~part["eps_target"].map(math.isfinite)]
         if not control.empty:
             h = ax.axhline(100 * control["mean"].max(), color="0.3", ls="--", lw=1, label="non-private (eps = inf)")
             handles.setdefault("non-private (eps = inf)", h)

@@ -9,7 +9,6 @@ base dataset's recipes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -155,8 +154,11 @@ MODEL_RECIPES: dict[tuple[str, str, str], Recipe] = {
 
 
 def _base_dataset(dataset: str) -> str:
-    """``cifar10_aug16`` -> ``cifar10``, ``mnist_val`` -> ``mnist``: variants share their base dataset's recipes."""
-    return re.sub(r"(_aug\d*|_val)$", "", dataset)
+    """The dataset a variant derives from (its ``base`` meta: ``cifar10_aug16`` -> ``cifar10``, ``mnist_val``
+    -> ``mnist``), whose recipes it shares; the dataset itself when it is no variant or not registered."""
+    from dpbench.data import DATASETS
+
+    return DATASETS.entry(dataset).meta.get("base", dataset) if dataset in DATASETS else dataset
 
 
 def recipe_for(dataset: str, mech: str, model: str | None = None) -> Recipe:

@@ -127,10 +127,11 @@ class Registry(Generic[T]):
             )
         return self._entries[name]
 
-    def names(self, pattern: str = "*") -> list[str]:
-        """Registered names matching a shell-style pattern, e.g. ``names("*cnn*")``."""
+    def names(self, pattern: str = "*", *, plugins: bool = True) -> list[str]:
+        """Registered names matching a shell-style pattern, e.g. ``names("*cnn*")``; ``plugins=False``: built-ins only."""
         self._load_plugins()
-        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+        return sorted(n for n, e in self._entries.items()
+                      if fnmatch.fnmatch(n, pattern) and (plugins or "plugin" not in e.meta))
 
     def __contains__(self, name: str) -> bool:
         self._load_plugins()

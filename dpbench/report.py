@@ -1,7 +1,10 @@
-"""Markdown comparison report: per dataset, every (mechanism, eps, configuration) against DP-SGD.
+"""Markdown comparison report: per dataset, every (mechanism, eps, configuration) against a baseline.
 
-The difference to DP-SGD is paired by seed: the mean over seeds present in both groups of
-(acc_mech - acc_dpsgd), against the DP-SGD group with the same dataset, model, eps and steps.
+The baseline is a mechanism (``dpsgd`` unless ``--baseline`` says otherwise). The difference to it
+is paired by seed: the mean over seeds present in both groups of (acc_mech - acc_baseline), against
+the baseline configuration with the same dataset, model, eps and steps. Where the CSV holds several
+baseline configurations for one cell, none is picked silently: the cell says so until
+``--baseline-config HASH`` names the one to pair with.
 """
 
 from __future__ import annotations
@@ -30,19 +33,23 @@ def _group_command(rows: pd.DataFrame) -> str:
     return f"`{cmd}` (S in {{{', '.join(map(str, seeds))}}})"
 
 
-def _reference(df: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame | None:
-    """The DP-SGD rows to pair with: same dataset, model, eps, steps; the group with most seeds."""
+def baseline_candidates(df: pd.DataFrame, rows: pd.DataFrame, baseline: str,
+                        configs: tuple[str, ...] = ()) -> list[str]:
+    """Config hashes of ``baseline`` runs with the same dataset, model, eps and steps as ``rows``.
+
+    ``configs`` (config-hash prefixes) keeps only the chosen ones; the caller pairs only when one is left.
+    """
     first = rows.iloc[0]
-    ref = df[(df["mech"] == "dpsgd") & (df["dataset"] == first["dataset"]) & (df["model"] == first["model"])
+    ref = df[(df["mech"] == baseline) & (df["dataset"] == first["dataset"]) & (df["model"] == first["model"])
              & (df["eps_target"] == first["eps_target"]) & (df["steps"] == first["steps"])]
-    if ref.empty:
-        return None
-    best = ref.groupby("config_hash")["seed"].nunique().sort_values(ascending=False, kind="stable").index[0]
-    return ref[ref["config_hash"] == best]
+    hashes = sorted(ref["config_hash"].astype(str).unique())
+    if configs:
+        hashes = [h for h in hashes if any(h.startswith(c) for c in configs)]
+    return hashes
 
 
 def paired_difference(rows: pd.DataFrame, ref: pd.DataFrame) -> tuple[float, int] | None:
-    """Mean over shared seeds of (acc - acc_dpsgd), and the number of pairs."""
+    """Mean over shared seeds of (acc - acc_baseline), and the number of pairs."""
     a = rows.groupby("seed")["test_acc"].mean()
     b = ref.groupby("seed")["test_acc"].mean()
     shared = a.index.intersection(b.index)
@@ -59,26 +66,30 @@ def _published(pub: pd.DataFrame | None, dataset: str, mech: str, eps: float) ->
     return "; ".join(f"{100 * r.test_acc:.2f} ({r.model_family})" for r in hits.itertuples())
 
 
-def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_published: bool = True) -> str:
+def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_published: bool = True,
+                 baseline: str = "dpsgd", baseline_configs: tuple[str, ...] = ()) -> str:
     pub = load_published() if with_published else None
     lines = [f"# {title}", "",
              "Test accuracy in %, mean ± sample std over seeds (n = number of seeds). "
-             "Δ dpsgd: mean over shared seeds of the paired difference to `dpsgd` with the same dataset, model, "
-             "eps and steps. ⚠ marks a run group below chance + 5 points. Published numbers come from "
+             f"Δ {baseline}: mean over shared seeds of the paired difference to the `{baseline}` configuration with "
+             "the same dataset, model, eps and steps (where there are several, the cell names them: choose one "
+             "with `--baseline-config`). ⚠ marks a run group below chance + 5 points. Published numbers come from "
              "`dpbench/published.csv` (sources there; `dpbench.tables.load_published()`) and may use other models or epochs.", ""]
     for dataset, part in df.groupby("dataset", sort=True):
         chance = _chance(dataset)
         lines += [f"## {dataset}", "",
-                  "| mechanism | eps | model | accuracy | n | Δ dpsgd | published | epochs | reproduce |",
+                  f"| mechanism | eps | model | accuracy | n | Δ {baseline} | published | epochs | reproduce |",
                   "|---|---|---|---|---|---|---|---|---|"]
         groups = part.groupby(GROUP, sort=True, dropna=False)
         for (ds, model, mech, eps, _), rows in groups:
             mean, std = mean_std(rows["test_acc"].to_numpy())
             flag = " ⚠" if mean < chance + 0.05 else ""
             diff = "-"
-            ref = _reference(df, rows) if mech != "dpsgd" else None
-            if ref is not None:
-                paired = paired_difference(rows, ref)
+            hashes = baseline_candidates(df, rows, baseline, baseline_configs) if mech != baseline else []
+            if len(hashes) > 1:
+                diff = f"{len(hashes)} baseline configurations ({', '.join(h[:8] for h in hashes)})"
+            elif hashes:
+                paired = paired_difference(rows, df[df["config_hash"].astype(str) == hashes[0]])
                 if paired is not None:
                     diff = f"{100 * paired[0]:+.2f} ({paired[1]} pairs)"
             epochs = rows["epochs"].iloc[0] if "epochs" in rows else float("nan")

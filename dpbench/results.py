@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dpbench.errors import BadInput
+from dpbench.storage import write_json_atomic, write_text_atomic  # noqa: F401 (write_json_atomic: re-exported)
 
 #: Required columns, in this order (design.md); more may follow.
 COLUMNS: tuple[str, ...] = (
@@ -29,7 +30,10 @@ COLUMNS: tuple[str, ...] = (
 #: Extra columns that follow the required ones.
 EXTRA_COLUMNS: tuple[str, ...] = (
     "eps_classic", "optimizer", "momentum", "physical_batch_size", "secure", "other_load", "command",
+    "release_rate",
 )
+#: How to fill a column that an older CSV lacks, from that row's other columns.
+BACKFILL: dict[str, str] = {"release_rate": "sample_rate"}  # older rows wrote the release rate there
 ALL_COLUMNS = COLUMNS + EXTRA_COLUMNS
 
 
@@ -76,31 +80,48 @@ def check_compatible(path: Path) -> None:
 
 
 def append_row(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one row atomically, writing the header first if the file is new or empty."""
+    """Append one row atomically, writing the header first if the file is new or empty.
+
+    A CSV written by an older dpbench (its header a prefix of today's columns) is first rewritten with
+    today's header, its rows' new cells filled by :data:`BACKFILL`, into a temporary file moved into
+    place: a kill leaves the old file or the new one, never a mix.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        cols = existing_columns(path) or ALL_COLUMNS
-        if cols[: len(COLUMNS)] != COLUMNS:
-            raise BadInput(f"--out {path}: existing CSV has other columns than dpbench writes")
-        data = format_row(row, cols)
-        if os.fstat(fd).st_size == 0:
-            data = _header(cols) + data
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                continue  # another writer upgraded the file while this one waited: append to the new one
+            cols = existing_columns(path) or ALL_COLUMNS
+            if cols[: len(COLUMNS)] != COLUMNS:
+                raise BadInput(f"--out {path}: existing CSV has other columns than dpbench writes")
+            if len(cols) < len(ALL_COLUMNS) and ALL_COLUMNS[: len(cols)] == cols:
+                _upgrade_header(path, cols)
+                continue
+            data = format_row(row, cols)
+            if os.fstat(fd).st_size == 0:
+                data = _header(cols) + data
+            os.write(fd, data.encode())
+            os.fsync(fd)
+            return
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def _upgrade_header(path: Path, cols: tuple[str, ...]) -> None:
+    """Rewrite an older CSV with today's columns (called under the file's lock)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(ALL_COLUMNS)
+    for old in rows:
+        filled = {c: old.get(c, old.get(BACKFILL.get(c, ""), "")) for c in ALL_COLUMNS}
+        writer.writerow([filled[c] for c in ALL_COLUMNS])
+    write_text_atomic(path, buf.getvalue())
 
 
 def run_record_path(out_csv: str | Path, run_id: str) -> Path:

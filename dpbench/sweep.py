@@ -57,21 +57,22 @@ def read_spec(path: str) -> SweepSpec:
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
-    """All configurations of the grid; ``mech = ["*"]`` means every registered mechanism.
+    """All configurations of the grid; ``mech = ["*"]`` means every built-in mechanism.
+
+    Patterns match built-in mechanisms only: an installed plugin joins a sweep when it is named.
 
     Configurations that resolve to the same (config hash, seed), such as the non-private control at
     every eps, appear once.
     """
     mechs: list[str] = []
     for pattern in spec.grid.get("mech", ["*"]):
-        names = MECHANISMS.names(pattern)
-        if not names:
-            MECHANISMS.entry(pattern)  # raises with a "did you mean"
-        if names != [pattern]:  # a pattern skips broken plugins; a name asked for by itself fails in its run
-            broken = {n: MECHANISMS.problem(n) for n in names}
-            for problem in filter(None, broken.values()):
-                Console(stderr=True).print(f"[yellow]warning:[/] {problem}; skipped", highlight=False, soft_wrap=True)
-            names = [n for n in names if broken[n] is None]
+        if pattern in MECHANISMS:
+            MECHANISMS.get(pattern)  # a named plugin that cannot be used fails here, before any run
+            names = [pattern]
+        else:
+            names = MECHANISMS.names(pattern, plugins=False)
+            if not names:
+                MECHANISMS.entry(pattern)  # raises with a "did you mean"
         mechs += [m for m in names if m not in mechs]
     axes = {
         "mech": mechs,

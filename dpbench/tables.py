@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from dpbench.errors import BadInput
+from dpbench.results import BACKFILL
 
 #: Published reference numbers with their sources: package data, so an installed wheel has them too.
 PUBLISHED_CSV = resources.files("dpbench") / "published.csv"
@@ -28,6 +29,9 @@ def load_results(path: str | Path) -> pd.DataFrame:
     if df.empty:
         raise BadInput(f"{path}: no rows")
     df["eps_target"] = df["eps_target"].astype(float)
+    for column, source in BACKFILL.items():  # older CSVs lack newer columns
+        if column not in df.columns and source in df.columns:
+            df[column] = df[source]
     return df
 
 

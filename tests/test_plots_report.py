@@ -90,3 +90,27 @@ def test_report_flags_collapsed_runs_and_shows_published_and_commands(tmp_path):
 def test_plot_of_a_missing_file_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["plot", str(tmp_path / "none.csv")])
     assert res.exit_code == 2 and "none.csv" in res.output
+
+
+def test_several_baseline_configurations_are_never_picked_silently(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    other = df[(df.mech == "dpsgd") & (df.eps_target == 3)].assign(config_hash="dpsgd-lr2", test_acc=0.5)
+    two = pd.concat([df, other.iloc[:1]])  # a second dpsgd configuration at eps 3, with fewer seeds
+    dpis_line = lambda text: next(line for line in text.splitlines() if line.startswith("| dpis | 3 |"))  # noqa: E731
+    assert "2 baseline configurations (dpsgd-3., dpsgd-lr)" in dpis_line(build_report(two))
+    a = df[(df.mech == "dpis") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    b = df[(df.mech == "dpsgd") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    chosen = build_report(two, baseline_configs=("dpsgd-3",))
+    assert f"{100 * (a - b).mean():+.2f} (3 pairs)" in dpis_line(chosen)
+    assert "+" in dpis_line(build_report(two, baseline_configs=("dpsgd-lr2",))).split("|")[6]
+
+
+def test_the_baseline_is_an_option(tmp_path):
+    fixture_csv(tmp_path / "r.csv")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r.csv"), "--baseline", "dpis"])
+    assert res.exit_code == 0, res.output
+    assert "| Δ dpis |" in res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("| dpsgd | 3 |"))
+    assert "(3 pairs)" in line and line.split("|")[6].strip().startswith("-")  # dpsgd trails dpis
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "r.csv"), "--baseline", "dpsdg"])
+    assert bad.exit_code == 2 and "did you mean 'dpsgd'" in bad.output

@@ -62,3 +62,32 @@ def test_foreign_csv_is_refused(tmp_path):
     with pytest.raises(BadInput, match="other columns"):
         append_row(path, fake_row(0, 0))
     assert path.read_text() == "a,b\n1,2\n"
+
+
+def test_an_older_csv_gets_todays_header_with_its_rows_kept_and_backfilled(tmp_path):
+    path = tmp_path / "r.csv"
+    old_columns = ALL_COLUMNS[: ALL_COLUMNS.index("release_rate")]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(old_columns)
+        for i in range(2):
+            writer.writerow([fake_row(i, 9)[c] for c in old_columns])
+    new = fake_row(5, 1)
+    append_row(path, new)
+    rows = list(csv.DictReader(open(path)))
+    assert tuple(rows[0]) == ALL_COLUMNS and len(rows) == 3
+    for i, row in enumerate(rows[:2]):  # the old rows: unchanged, release_rate from their sample_rate
+        assert {c: row[c] for c in old_columns} == {c: fake_row(i, 9)[c] for c in old_columns}
+        assert row["release_rate"] == row["sample_rate"] == f"sample_rate-9-{i}"
+    assert rows[2] == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]  # no temporary file left
+
+
+def test_an_older_csv_reads_with_the_newer_columns_backfilled(tmp_path):
+    from dpbench.tables import load_results
+
+    path = tmp_path / "r.csv"
+    pd = pytest.importorskip("pandas")
+    pd.DataFrame([{"dataset": "mnist", "model": "m", "mech": "dpis", "eps_target": 1.0, "test_acc": 0.9,
+                   "seed": 0, "config_hash": "h", "sample_rate": 0.017}]).to_csv(path, index=False)
+    assert load_results(path)["release_rate"].tolist() == [0.017]

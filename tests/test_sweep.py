@@ -25,11 +25,20 @@ def test_grid_expansion_and_dedup_of_the_nonprivate_control():
     assert all(c.epochs == 1 for c in configs)
 
 
-def test_star_means_every_registered_mechanism():
+def test_star_means_every_built_in_mechanism_and_a_plugin_joins_when_named(monkeypatch):
     from dpbench.mechanisms import MECHANISMS
+    from dpbench.mechanisms.dpsgd import DPSGD
+    from dpbench.registry import Entry
 
+    class Plugin(DPSGD):
+        name = "someplugin"
+
+    monkeypatch.setitem(MECHANISMS._entries, "someplugin", Entry("someplugin", Plugin, {"plugin": "a-dist"}))
     configs = expand(SweepSpec(grid={"mech": ["*"], "dataset": ["synthetic"], "eps": [3]}))
-    assert {c.mech for c in configs} == set(MECHANISMS.names())
+    assert {c.mech for c in configs} == set(MECHANISMS.names()) - {"someplugin"}
+    assert "dpsgd" in {c.mech for c in configs}
+    named = expand(SweepSpec(grid={"mech": ["dp*", "someplugin"], "dataset": ["synthetic"], "eps": [3]}))
+    assert [c.mech for c in named] == ["dpis", "dpsgd", "someplugin"]
 
 
 def test_recipe_overrides_apply_to_their_mechanism_only(tmp_path):

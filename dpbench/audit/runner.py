@@ -40,13 +40,14 @@ from dpbench.audit import stats
 from dpbench.audit.canaries import GradientCanaries, draw_membership, flip_labels
 from dpbench.config import RunConfig, check_writable, validate, validate_options
 from dpbench.data import DatasetBundle, load_dataset
-from dpbench.data.features import prepare_for_model
-from dpbench.engine import derive_seed, evaluate, resolve_device, train
+from dpbench.engine import derive_seed, resolve_device, train
 from dpbench.environment import environment
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.models import MODELS
+from dpbench.models.inputs import prepare_for_model
 from dpbench.privacy import account, calibrate
+from dpbench.storage import write_text_atomic
 
 THREATS = ("white", "black")
 DEFAULT_CANARIES = 1000
@@ -233,14 +234,12 @@ def append_audit_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def _write_scores(path: Path, scores: np.ndarray, included: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(("canary", "included", "score"))
-        for i, (s, inc) in enumerate(zip(scores, included)):
-            w.writerow((i, int(inc), repr(float(s))))
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(("canary", "included", "score"))
+    for i, (s, inc) in enumerate(zip(scores, included)):
+        w.writerow((i, int(inc), repr(float(s))))
+    write_text_atomic(path, buf.getvalue())
 
 
 def read_scores(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import tarfile
-import zipfile
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-
-from dpbench.errors import BadInput
 
 #: ``(batch, generator) -> batch``: a random, per-row transform of training inputs (augmentation).
 TrainTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -51,11 +44,6 @@ class DatasetBundle:
         return tuple(self.train_x.shape[1:])
 
 
-def cache_dir() -> Path:
-    """``$DPBENCH_CACHE``, default ``~/.cache/dpbench``: decoded data and features, never in the repo."""
-    return Path(os.environ.get("DPBENCH_CACHE") or Path.home() / ".cache" / "dpbench")
-
-
 def offline_roots(data_dir: str | None) -> list[Path]:
     """Folders laid out like the offline data copy: ``--data-dir`` first, then ``$DPBENCH_DATA``."""
     roots = [data_dir, os.environ.get("DPBENCH_DATA")]
@@ -77,33 +65,3 @@ def validation_split(bundle: DatasetBundle, holdout: int) -> DatasetBundle:
         test_x=bundle.train_x[keep:], test_y=bundle.train_y[keep:])
 
 
-
-#: What reading a damaged file raises: truncated gzip (EOFError), bad headers (OSError, BadGzipFile),
-#: bad zip/npz or tar members, unpickling a cut torch file, and shape or JSON errors on cut contents.
-DAMAGED_FILE_ERRORS = (EOFError, OSError, ValueError, RuntimeError, KeyError, zlib.error, pickle.UnpicklingError,
-                       tarfile.TarError, zipfile.BadZipFile)
-
-
-def source_remedy(path: Path | str) -> str:
-    """How to fix a damaged dataset file that the user supplied."""
-    return (f"replace it with an intact copy (compare it with the SHA256SUMS of its folder, where there is one: "
-            f"cd {Path(path).parent.parent} && sha256sum -c SHA256SUMS), or delete it to download it again")
-
-
-def cache_remedy(path: Path | str) -> str:
-    """How to fix a damaged file in dpbench's cache, which is rebuilt from the source data."""
-    command = "rm -r" if Path(path).is_dir() else "rm"
-    return f"delete it ({command} {path}) and run again: dpbench rebuilds it from the source data"
-
-
-@contextmanager
-def reading_data_file(path: Path | str, remedy: str) -> Iterator[None]:
-    """Turn any failure to read ``path`` into a BadInput that names the file and says how to fix it."""
-    try:
-        yield
-    except BadInput:
-        raise
-    except DAMAGED_FILE_ERRORS as exc:
-        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
-        raise BadInput(f"{path} is truncated or corrupt ({type(exc).__name__}{': ' + detail if detail else ''}); "
-                       f"{remedy}") from None

@@ -29,8 +29,8 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import (DatasetBundle, TrainTransform, cache_dir, cache_remedy, offline_roots,
-                               reading_data_file, source_remedy)
+from dpbench.data.base import DatasetBundle, TrainTransform, offline_roots
+from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
 from dpbench.errors import BadInput
 
 OFFLINE_FILE = Path("cifar10") / "cifar10_jpeg_q75.npz"
@@ -99,10 +99,7 @@ def decoded_offline(source: Path) -> dict[str, torch.Tensor]:
             "test_x": _decode(npz["test_jpeg"], npz["test_offsets"]),
             "test_y": torch.from_numpy(npz["test_labels"].astype(np.int64)),
         })
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    torch.save(tensors, tmp)
-    tmp.replace(cached)  # atomic: a concurrent reader sees the old state or the whole file
+    save_torch_atomic(cached, tensors)  # a concurrent reader sees no file or the whole file
     return tensors
 
 
@@ -180,7 +177,7 @@ def load_cifar10(data_dir: str | None = None) -> DatasetBundle:
     return load("cifar10", data_dir)
 
 
-@DATASETS.register("cifar10_aug", train_size=TRAIN_SIZE, num_classes=CLASSES, input_shape=(3, 32, 32),
+@DATASETS.register("cifar10_aug", train_size=TRAIN_SIZE, num_classes=CLASSES, input_shape=(3, 32, 32), base="cifar10",
                    variant=offline_variant, summary="CIFAR-10 with random crop (pad 4) + horizontal flip")
 def load_cifar10_aug(data_dir: str | None = None) -> DatasetBundle:
     return load("cifar10_aug", data_dir, augmentations=1)
@@ -190,7 +187,7 @@ def _register_multiplicity(k: int) -> None:
     def loader(data_dir: str | None = None) -> DatasetBundle:
         return load(f"cifar10_aug{k}", data_dir, augmentations=k)
 
-    DATASETS.register(f"cifar10_aug{k}", train_size=TRAIN_SIZE, num_classes=CLASSES, input_shape=(3, 32, 32),
+    DATASETS.register(f"cifar10_aug{k}", train_size=TRAIN_SIZE, num_classes=CLASSES, input_shape=(3, 32, 32), base="cifar10",
                       variant=offline_variant,
                       summary=f"CIFAR-10, crop+flip, {k} augmentations per example averaged before clipping "
                               f"(De et al. 2022; {k}x the compute)")(loader)

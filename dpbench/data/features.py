@@ -2,7 +2,7 @@
 
 A model registered with meta ``features="scatter"`` trains on the ScatterNet transform of the
 dataset's images instead of the images: ``dpbench run --dataset cifar10 --model scatter_linear``.
-The engine calls :func:`prepare_for_model` once after loading the data. The transform is
+The engine calls :func:`dpbench.models.inputs.prepare_for_model` once after loading the data. The transform is
 data-independent (a fixed wavelet filter bank applied to each image alone), so it costs no privacy.
 
 The scattering is kymatio's ``Scattering2D`` with J = 2 and L = 8 (the T&B setting): an image of
@@ -16,14 +16,14 @@ back to float32. They are computed on the run's device (seconds on a GPU).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from dpbench.data.base import DatasetBundle, cache_dir, cache_remedy, reading_data_file
+from dpbench.data.base import DatasetBundle
+from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic
 from dpbench.errors import BadInput
 
 SCATTER_J, SCATTER_L = 2, 8
@@ -102,10 +102,7 @@ def scatter_features(bundle: DatasetBundle, device: torch.device | str = "cpu") 
         Console(stderr=True).print(f"computing ScatterNet features of {bundle.name} once (cached in {cached.parent})",
                                    highlight=False, soft_wrap=True)
         feats = {"train_x": extract_scatter(train_x, device), "test_x": extract_scatter(test_x, device)}
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        torch.save(feats, tmp)
-        tmp.replace(cached)
+        save_torch_atomic(cached, feats)
     return replace(bundle, train_x=feats["train_x"], test_x=feats["test_x"])
 
 
@@ -113,21 +110,3 @@ def scatter_features(bundle: DatasetBundle, device: torch.device | str = "cpu") 
 FEATURES: dict[str, tuple[Callable[..., DatasetBundle], Callable[[tuple[int, ...]], tuple[int, ...]]]] = {
     "scatter": (scatter_features, scatter_shape),
 }
-
-
-def prepare_for_model(bundle: DatasetBundle, model: str, device: torch.device | str = "cpu") -> DatasetBundle:
-    """The inputs model ``model`` trains on: the bundle itself, or the features the model asks for."""
-    from dpbench.models import MODELS
-
-    features = MODELS.entry(model).meta.get("features")
-    if features is None:
-        return bundle
-    return FEATURES[features][0](bundle, device)
-
-
-def model_input_shape(model: str, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """What ``model`` sees for a dataset of inputs shaped ``image_shape`` (without loading it)."""
-    from dpbench.models import MODELS
-
-    features = MODELS.entry(model).meta.get("features")
-    return tuple(image_shape) if features is None else FEATURES[features][1](tuple(image_shape))

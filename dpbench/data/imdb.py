@@ -32,7 +32,8 @@ from typing import Iterable
 import torch
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, cache_dir, cache_remedy, offline_roots, reading_data_file, source_remedy
+from dpbench.data.base import DatasetBundle, offline_roots
+from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
 from dpbench.errors import BadInput
 
 MAX_WORDS = 10_000
@@ -157,10 +158,7 @@ def _encoded(data_dir: str | None) -> dict[str, torch.Tensor]:
     for split, records in splits.items():
         tensors[f"{split}_x"] = encode((text for _, _, text in records), vocab, length)
         tensors[f"{split}_y"] = torch.tensor([label for label, _, _ in records], dtype=torch.long)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    torch.save(tensors, tmp)
-    tmp.replace(cached)
+    save_torch_atomic(cached, tensors)  # a concurrent reader sees no file or the whole file
     return tensors
 
 

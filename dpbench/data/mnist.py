@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import (DatasetBundle, cache_dir, cache_remedy, offline_roots, reading_data_file,
-                               source_remedy, validation_split)
+from dpbench.data.base import DatasetBundle, offline_roots, validation_split
+from dpbench.storage import atomic_write, cache_dir, cache_remedy, reading_data_file, source_remedy
 from dpbench.errors import BadInput
 
 #: Training records held out as the validation split of ``mnist_val`` / ``fmnist_val``.
@@ -47,17 +46,13 @@ def _prepare_offline(cls: type, sources: list[Path]) -> Path:
             # a name of its own for every writer: sweep jobs that start together on a fresh cache
             # decompress the same files at once, and a shared temporary name lets one move the
             # other's half-written file into place
-            fd, tmp_name = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=raw)
             try:
-                with reading_data_file(src, source_remedy(src)), gzip.open(src, "rb") as fin, \
-                        os.fdopen(fd, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+                with reading_data_file(src, source_remedy(src)), gzip.open(src, "rb") as fin:
+                    atomic_write(raw / name, lambda fout: shutil.copyfileobj(fin, fout))
             except BadInput:
-                Path(tmp_name).unlink(missing_ok=True)
                 if fresh:  # an entry keyed on a damaged source can never be completed
                     shutil.rmtree(root, ignore_errors=True)
                 raise
-            Path(tmp_name).replace(raw / name)
     return root
 
 
@@ -130,13 +125,13 @@ def load_fmnist(data_dir: str | None = None) -> DatasetBundle:
 
 
 # Validation splits for tuning: the test split stays untouched until the final runs.
-@DATASETS.register("mnist_val", train_size=50000, num_classes=10, variant="mnist-val10k",
+@DATASETS.register("mnist_val", train_size=50000, num_classes=10, variant="mnist-val10k", base="mnist",
                    summary="MNIST for tuning: train on the first 50k training images, evaluate on the last 10k")
 def load_mnist_val(data_dir: str | None = None) -> DatasetBundle:
     return validation_split(load_mnist(data_dir), VALIDATION_HOLDOUT)
 
 
-@DATASETS.register("fmnist_val", train_size=50000, num_classes=10, variant="fmnist-val10k",
+@DATASETS.register("fmnist_val", train_size=50000, num_classes=10, variant="fmnist-val10k", base="fmnist",
                    summary="Fashion-MNIST for tuning: train on the first 50k training images, evaluate on the last 10k")
 def load_fmnist_val(data_dir: str | None = None) -> DatasetBundle:
     return validation_split(load_fmnist(data_dir), VALIDATION_HOLDOUT)

@@ -82,6 +82,8 @@ class TrainContext:
     device: torch.device
     #: ``make_generator("purpose")``: a generator derived from --seed, or from OS entropy with --secure.
     make_generator: Callable[[str], torch.Generator]
+    #: ``build_model()``: a fresh, untrained instance of the run's model (initialised from torch's global RNG)
+    build_model: Callable[[], torch.nn.Module] | None = None
 
 
 class DPBenchOptimizer(DPOptimizer):

@@ -38,7 +38,6 @@ from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
 from dpbench.mechanisms.norms import bounded_factors, per_sample_norms, round_toward_zero
-from dpbench.models import build_model
 from dpbench.privacy.modelmix import modelmix_rdp, rho
 from dpbench.privacy.rdp import INTEGER_ORDERS
 
@@ -222,11 +221,12 @@ class ModelMix(Mechanism):
     def _second_initialisation(self, ctx: TrainContext) -> list[torch.Tensor]:
         """``w_{-1}``: a fresh initialisation of the same architecture from its own generator."""
         inner = ctx.model._module if isinstance(ctx.model, GradSampleModule) else ctx.model
+        if ctx.build_model is None:
+            raise RuntimeError("modelmix needs TrainContext.build_model for its second initialisation")
         seed = ctx.make_generator("second-init").initial_seed()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            num_classes = int(inner(ctx.train_x[:1]).shape[-1])
             torch.manual_seed(seed)
-            twin = build_model(ctx.cfg.model, tuple(ctx.train_x.shape[1:]), num_classes)
+            twin = ctx.build_model()
         pairs = list(zip(inner.parameters(), twin.parameters(), strict=True))
         if any(a.shape != b.shape for a, b in pairs):
             raise RuntimeError(f"a second {ctx.cfg.model!r} does not have the trained model's parameter shapes")

@@ -33,7 +33,7 @@ class PrivacyReport:
     mech: str
     accountant: str
     noise_multiplier: float
-    sample_rate: float
+    sample_rate: float  # q = B/N, for every mechanism
     steps: int
     delta: float
     eps: float  # the mechanism's own accountant, Opacus conversion: what comparisons use
@@ -43,6 +43,8 @@ class PrivacyReport:
     alpha: float  # order at which ``eps`` is attained
     #: accountant-specific values shown beside eps (``Mechanism.privacy_extras``), e.g. GED's z_eq
     extras: dict[str, Any] = field(default_factory=dict)
+    #: rate at which the differing record can enter the gradient release (q_cap for DPIS, else q)
+    release_rate: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready dict (extras at the top level); infinite values are written as the string ``"inf"``."""
@@ -79,7 +81,8 @@ def account(mech: "Mechanism", noise_multiplier: float, q: float, steps: int, de
     """eps spent by ``steps`` steps of ``mech`` at expected rate ``q`` with this noise."""
     if not mech.private:
         inf = float("inf")
-        return PrivacyReport(mech.name, "none", 0.0, q, steps, delta, inf, inf, None, None, float("nan"))
+        return PrivacyReport(mech.name, "none", 0.0, q, steps, delta, inf, inf, None, None, float("nan"),
+                             release_rate=q)
     orders, rdp = mech.rdp(noise_multiplier, q, steps)
     eps, alpha = eps_opacus(orders, rdp, delta)
     classic, _ = eps_classic(orders, rdp, delta)
@@ -91,8 +94,8 @@ def account(mech: "Mechanism", noise_multiplier: float, q: float, steps: int, de
     with_prv = with_prv and mech.prv_applies and eps_rdp is not None and eps_rdp <= PRV_MAX_EPS
     eps_prv = sgm_prv_eps(noise_multiplier, rate, steps, delta) if with_prv else None
     extras = mech.privacy_extras(noise_multiplier, q, steps, delta)
-    return PrivacyReport(mech.name, mech.accountant, noise_multiplier, rate, steps, delta,
-                         eps, classic, eps_rdp, eps_prv, alpha, extras)
+    return PrivacyReport(mech.name, mech.accountant, noise_multiplier, q, steps, delta,
+                         eps, classic, eps_rdp, eps_prv, alpha, extras, release_rate=rate)
 
 
 def calibrate(mech: "Mechanism", target_eps: float, q: float, steps: int, delta: float,

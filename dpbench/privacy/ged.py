@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import ClassVar, Sequence
@@ -43,7 +41,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln, logsumexp
 
-from dpbench.data.base import cache_dir, cache_remedy, reading_data_file
+from dpbench.storage import atomic_write, cache_dir, cache_remedy, reading_data_file
 from dpbench.errors import BadInput
 from dpbench.privacy.rdp import INTEGER_ORDERS, eps_classic, eps_opacus, sgm_rdp
 
@@ -353,11 +351,7 @@ def _student_table(nu: float, max_order: int, points: int, max_shift: float) -> 
 
 def _save_npz(path, **arrays) -> None:  # noqa: ANN001
     """Write atomically: a concurrent reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _standard_gamma(alpha: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -39,7 +39,8 @@ def _context(name: str, features: int, classes: int, clip: float) -> tuple[objec
     ctx = TrainContext(cfg=cfg, model=model, optimizer=opt, train_x=torch.randn(4, features, generator=g),
                        train_y=torch.tensor([0, 1, 2, 0]) % classes, criterion=nn.CrossEntropyLoss(), noise_multiplier=1.0,
                        sample_rate=8 / 4, steps=4, physical_batch_size=4, device=torch.device("cpu"),
-                       make_generator=lambda purpose, on=None: torch.Generator().manual_seed(len(purpose)))
+                       make_generator=lambda purpose, on=None: torch.Generator().manual_seed(len(purpose)),
+                       build_model=lambda: build_model("linear", (features,), classes))
     ctx.sample_rate = 0.5
     mech.setup(ctx)
     mech.begin_step(ctx, 0)

@@ -352,7 +352,8 @@ def test_cli_run_records_the_dpis_accountant():
     assert float(row["eps_spent"]) <= float(row["eps_target"]) == 2.0
     assert row["eps_rdp"] != "" and float(row["eps_rdp"]) < float(row["eps_spent"])  # plain SGM at q under-reports
     assert row["eps_prv"] == ""
-    assert float(row["sample_rate"]) == pytest.approx(min(4 * 64 / 512, (64 / 512) / 0.5))  # q_cap
+    assert float(row["sample_rate"]) == pytest.approx(64 / 512)  # q = B/N for every mechanism
+    assert float(row["release_rate"]) == pytest.approx(min(4 * 64 / 512, (64 / 512) / 0.5))  # q_cap
     record = json.loads(Path("results/runs", row["run_id"] + ".json").read_text())
     assert record["privacy"]["accountant"] == "dpis-rdp"
 
@@ -367,3 +368,10 @@ def test_cli_run_rejects_q_cap_above_candidate_rate_before_training():
 def test_ls_shows_the_reconstruction_caveat():
     res = runner.invoke(app, ["ls", "mechanisms", "--pattern", "dpis"])
     assert res.exit_code == 0 and "dpis-rdp" in res.output and "reconstruction" in res.output
+
+
+def test_account_json_gives_q_and_the_release_rate_apart():
+    res = runner.invoke(app, ["account", "--mech", "dpis", "--eps", "3", "--json"])
+    out = json.loads(res.stdout)
+    assert out["sample_rate"] == pytest.approx(512 / 60000)
+    assert out["release_rate"] == pytest.approx(min(4 * 512 / 60000, (512 / 60000) / 0.5))

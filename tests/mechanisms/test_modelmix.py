@@ -169,7 +169,8 @@ def synthetic_ctx(monkeypatch=None, model_factory=None, **options) -> tuple[Mode
     ctx = TrainContext(cfg=cfg, model=model, optimizer=opt, train_x=data.train_x, train_y=data.train_y,
                        criterion=nn.CrossEntropyLoss(), noise_multiplier=0.0, sample_rate=cfg.sample_rate(512),
                        steps=4, physical_batch_size=64, device=CPU,
-                       make_generator=lambda purpose: make_generator(cfg.seed, purpose, CPU, cfg.secure))
+                       make_generator=lambda purpose: make_generator(cfg.seed, purpose, CPU, cfg.secure),
+                       build_model=model_factory or (lambda: build_model(cfg.model, data.input_shape, data.num_classes)))
     return mech, ctx
 
 
@@ -192,7 +193,6 @@ def test_every_parameter_is_mixed_normalisation_layers_too(monkeypatch):
     def factory() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
 
-    monkeypatch.setattr(modelmix_module, "build_model", lambda *a, **k: factory())
     mech, ctx = synthetic_ctx(model_factory=factory, lr=0.1, mech_params={"gamma": 0.02})
     mech.setup(ctx)
     mech.begin_step(ctx, 0)  # gamma 0.02, lr 0.1: tau = 0.002

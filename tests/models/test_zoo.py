@@ -18,7 +18,7 @@ from dpbench.data import features
 from dpbench.data.imdb import PAD, VOCAB_SIZE
 from dpbench.engine import DEFAULT_PHYSICAL_BATCH, physical_batch_size
 from dpbench.errors import BadInput
-from dpbench.models import MODELS, build_model
+from dpbench.models import MODELS, build_model, inputs
 
 SHORT_TEXT = 12  # the text models do not depend on the sequence length; short keeps the LSTM quick
 
@@ -28,7 +28,7 @@ def _example(model: str, batch: int = 2) -> tuple[torch.nn.Module, torch.Tensor,
     meta = MODELS.entry(model).meta
     dataset = next((d for d in meta["datasets"] if d in DATASETS), "mnist")
     dmeta = DATASETS.entry(dataset).meta
-    shape = features.model_input_shape(model, tuple(dmeta.get("input_shape", (1, 28, 28))))
+    shape = inputs.model_input_shape(model, tuple(dmeta.get("input_shape", (1, 28, 28))))
     classes = dmeta["num_classes"]
     g = torch.Generator().manual_seed(0)
     if len(shape) == 1:
@@ -132,26 +132,26 @@ def test_scatter_features_are_computed_once_then_read_from_the_cache(monkeypatch
     real = features.extract_scatter
     monkeypatch.setattr(features, "extract_scatter", lambda x, device="cpu": calls.append(len(x)) or real(x, device))
     bundle = _tiny_bundle()
-    first = features.prepare_for_model(bundle, "scatter_linear")
+    first = inputs.prepare_for_model(bundle, "scatter_linear")
     assert calls == [4, 2]
     assert first.train_x.shape == (4, 81, 7, 7) and first.test_x.shape == (2, 81, 7, 7)
     assert first.train_x.dtype == torch.float16 and torch.isfinite(first.train_x.float()).all()
     assert torch.equal(first.train_y, bundle.train_y) and first.variant == bundle.variant
-    second = features.prepare_for_model(bundle, "scatter_cnn")
+    second = inputs.prepare_for_model(bundle, "scatter_cnn")
     assert calls == [4, 2]  # cache hit: keyed by the images, shared by both ScatterNet models
     assert torch.equal(second.train_x, first.train_x)
     other = dataclasses.replace(bundle, train_x=bundle.train_x + 1)
-    features.prepare_for_model(other, "scatter_linear")
+    inputs.prepare_for_model(other, "scatter_linear")
     assert calls == [4, 2, 4, 2]  # other images, other key
 
 
 def test_only_feature_models_get_features():
     bundle = _tiny_bundle()
-    assert features.prepare_for_model(bundle, "cnn_tanh") is bundle
-    assert features.model_input_shape("scatter_cnn", (3, 32, 32)) == (243, 8, 8)
-    assert features.model_input_shape("resnet20_gn", (3, 32, 32)) == (3, 32, 32)
+    assert inputs.prepare_for_model(bundle, "cnn_tanh") is bundle
+    assert inputs.model_input_shape("scatter_cnn", (3, 32, 32)) == (243, 8, 8)
+    assert inputs.model_input_shape("resnet20_gn", (3, 32, 32)) == (3, 32, 32)
     with pytest.raises(BadInput, match="augments"):
-        features.prepare_for_model(dataclasses.replace(bundle, train_transform=lambda x, g: x), "scatter_linear")
+        inputs.prepare_for_model(dataclasses.replace(bundle, train_transform=lambda x, g: x), "scatter_linear")
 
 
 def test_run_trains_a_scatter_model_on_features(monkeypatch):
@@ -171,12 +171,12 @@ def test_scatter_input_follows_tramer_boneh_grey_pixels_raw_colour_normalised():
     pixels = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     grey = dataclasses.replace(_tiny_bundle(3, 1), train_x=(pixels - 0.1307) / 0.3081, test_x=pixels[:1],
                                normalisation=((0.1307,), (0.3081,)))
-    feats = features.prepare_for_model(grey, "scatter_linear")
+    feats = inputs.prepare_for_model(grey, "scatter_linear")
     torch.testing.assert_close(feats.train_x, features.extract_scatter(pixels), atol=2e-3, rtol=1e-3)
     gn = torch.nn.GroupNorm(features.SCATTER_CHANNELS // 3, features.SCATTER_CHANNELS, affine=False)
     shifted = gn(features.extract_scatter(grey.train_x).float())
     assert (gn(feats.train_x.float()) - shifted).abs().mean() > 0.01  # the convention is not a no-op
     colour = dataclasses.replace(_tiny_bundle(2, 1), train_x=torch.randn(2, 3, 32, 32), test_x=torch.randn(1, 3, 32, 32),
                                  normalisation=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    torch.testing.assert_close(features.prepare_for_model(colour, "scatter_linear").train_x,
+    torch.testing.assert_close(inputs.prepare_for_model(colour, "scatter_linear").train_x,
                                features.extract_scatter(colour.train_x))

@@ -173,10 +173,11 @@ def account_json(*args: str) -> dict:
 def test_cli_account_takes_every_run_parameter():
     payload = account_json("--sigma", "3", "--set", "sigma_k=inf", "--set", "r_hat=0.1", "--set", "candidate_rate=0.05",
                            "--set", "norm_rate=0.02", "--set", "adaptive_clip=false")
-    assert payload["accountant"] == "dpis-rdp" and payload["sample_rate"] == pytest.approx(0.05)
+    assert payload["accountant"] == "dpis-rdp" and payload["release_rate"] == pytest.approx(0.05)
+    assert payload["sample_rate"] == pytest.approx(512 / 60000)  # q = B/N; q_cap is the release rate
     assert payload["eps_prv"] is None and payload["eps"] > payload["eps_rdp"]
     auto = account_json("--sigma", "3", "--set", "sigma_k=auto", "--set", "q_cap=0.03")
-    assert auto["sample_rate"] == pytest.approx(0.03)
+    assert auto["release_rate"] == pytest.approx(0.03)
     assert auto == account_json("--sigma", "3", "--set", "q_cap=0.03")
     calibrated = account_json("--eps", "2")
     assert calibrated["eps"] <= 2.0

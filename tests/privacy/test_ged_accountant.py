@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from dpbench.data.base import cache_dir
+from dpbench.storage import cache_dir
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.privacy import account, calibrate
