@@ -401,6 +401,39 @@ def _parameter_count(model: str, meta: dict[str, Any]) -> str:
         return "-"
 
 
+@app.command()
+def check(
+    mech: str = typer.Argument(..., help="mechanism name (see 'dpbench ls mechanisms'); plugins too"),
+    sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
+) -> None:
+    """Conformance checks of a mechanism, measured through the real training step on a tiny model.
+
+    One line per property; exit 0 when all hold, 1 naming the first that fails.
+    """
+    from dpbench.config import parse_sets
+    from dpbench.conformance import run_checks
+    from dpbench.mechanisms import get_mechanism
+
+    try:
+        params = parse_sets(sets)
+        get_mechanism(mech)(**params)  # unknown names and bad parameters are bad input, not a failed check
+        results = run_checks(mech, params)
+    except BadInput as exc:
+        raise fail(exc)
+    if not get_mechanism(mech).private:
+        out.print(f"{mech} is not private: it claims no privacy guarantee, so there is nothing to check")
+        return
+    for prop in results:
+        mark = "[green]PASS[/]" if prop.ok else "[bold red]FAIL[/]"
+        out.print(f"{mark} {prop.name}: {prop.detail}", highlight=False, soft_wrap=True)
+    failed = [p for p in results if not p.ok]
+    if failed:
+        out.print(f"[bold red]{mech} fails the conformance check:[/] {failed[0].name} (first of {len(failed)})",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    out.print(f"[green]{mech} passes all {len(results)} conformance checks[/]", highlight=False)
+
+
 @app.command("ls")
 def list_entries(what: str = typer.Argument("mechanisms", help="mechanisms, datasets or models"),
                  pattern: str = typer.Option("*", help="shell-style filter, e.g. '*cnn*'")) -> None:

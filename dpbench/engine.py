@@ -126,15 +126,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier: float, steps: int,
           device: torch.device, *, show_progress: bool = True,
           on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
-          checkpointer: Checkpointer | None = None, resume: bool = False) -> TrainOutcome:
+          checkpointer: Checkpointer | None = None, resume: bool = False,
+          model_factory: Callable[[], nn.Module] | None = None) -> TrainOutcome:
     """Train ``steps`` logical steps of ``mech`` and evaluate on the test split.
 
     With a ``checkpointer`` the state is saved every few minutes; ``resume`` continues from it.
+    ``model_factory`` replaces the registry's ``cfg.model`` (the conformance checks use a tiny model).
     """
     n = data.train_size
     q = cfg.sample_rate(n)
+    new_model = model_factory or (lambda: build_model(cfg.model, data.input_shape, data.num_classes))
     torch.manual_seed(derive_seed(cfg.seed, "model"))
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    model = new_model()
     if cfg.secure:  # the initial weights may follow --seed; nothing drawn from here on may
         torch.manual_seed(secrets.randbits(63))
     if mech.private:
@@ -176,7 +179,7 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     ctx = TrainContext(cfg=cfg, model=model, optimizer=optimizer, train_x=x, train_y=y, criterion=criterion,
                        noise_multiplier=noise_multiplier, sample_rate=q, steps=steps, physical_batch_size=physical,
                        device=device, make_generator=generator,
-                       build_model=lambda: build_model(cfg.model, data.input_shape, data.num_classes))
+                       build_model=new_model)
     mech.setup(ctx)
 
     start, samples, ema_loss, done_wall = 0, 0, float("nan"), 0.0

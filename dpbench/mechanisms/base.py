@@ -46,6 +46,8 @@ class Param:
     type: type
     default: Any
     help: str
+    #: Accepted values at the edges of the range, which ``dpbench check`` also tries.
+    extremes: tuple[Any, ...] = ()
 
     def coerce(self, value: Any) -> Any:
         """Check and convert a parsed ``--set`` value to this parameter's type."""
@@ -210,6 +212,15 @@ class Mechanism:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+    # -- what the accountant assumes (the conformance checks hold the mechanism to it) ---------
+    def sensitivity(self, clip: float) -> float:
+        """l2 bound on one record's contribution to the summed release of the current step."""
+        return clip
+
+    def noise_std(self, noise_multiplier: float, clip: float) -> float:
+        """Standard deviation of each coordinate's noise in the summed release of the current step."""
+        return noise_multiplier * self.sensitivity(clip)
 
     # -- the audit's worst-case record ------------------------------------------------------
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:

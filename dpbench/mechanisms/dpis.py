@@ -310,6 +310,11 @@ class DPIS(Mechanism):
         self._clip = float(state["clip"])
 
     # -- the audit's worst-case record ------------------------------------------------------------------
+    def sensitivity(self, clip: float) -> float:
+        """A kept record adds a term of norm K^/B, the current step's (``clip`` before the first step)."""
+        opt = self._optimizer
+        return opt.term_norm if opt is not None and math.isfinite(opt.k_hat) else clip
+
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
         """A record with n' = C, when kept, adds a term of norm K^/B (the current step's), entering w.p. q_cap."""
         opt = self._optimizer

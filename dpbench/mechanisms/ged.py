@@ -319,6 +319,13 @@ class GED(Mechanism):
             self._optimizer.denoise_history = list(state["denoise_history"])
 
     # -- the audit's worst-case record ------------------------------------------------------------------
+    def sensitivity(self, clip: float) -> float:
+        """Q: every encoded vector lies under a codebook row of norm at most Q, whatever C is."""
+        return float(self.params["quant_clip"])
+
+    def noise_std(self, noise_multiplier: float, clip: float) -> float:
+        return noise_multiplier * self.sensitivity(clip) * self.family.std()
+
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
         """A worst case of the accountant: the worst codebook row itself, by rank, on the top-k of ``direction``.
 

@@ -179,7 +179,7 @@ class AutoS(ScalingMechanism):
     name = "auto_s"
     summary = "Auto-S (Bu et al. 2023): scale each gradient by C/(||g||+gamma) instead of clipping"
     default_weight = "auto_s"
-    param_specs = (Param("gamma", float, 0.01, "stability constant of C/(||g|| + gamma)"),)
+    param_specs = (Param("gamma", float, 0.01, "stability constant of C/(||g|| + gamma)", extremes=(1e-40, 1e6)),)
 
 
 @MECHANISMS.register("psac")
@@ -190,7 +190,7 @@ class PSAC(ScalingMechanism):
     summary = "DP-PSAC (Xia et al. 2023): non-monotone per-sample scaling C/(||g|| + r/(||g||+r))"
     default_weight = "psac"
     # Unverified against the paper's tables: the spec recalls r in {0.1, 0.01}.
-    param_specs = (Param("r", float, 0.1, "PSAC's r in C/(||g|| + r/(||g|| + r))"),)
+    param_specs = (Param("r", float, 0.1, "PSAC's r in C/(||g|| + r/(||g|| + r))", extremes=(1e-300, 1e300)),)
 
 
 @MECHANISMS.register("psasc")

@@ -130,6 +130,10 @@ class NoiseFamily:
         """Fisher information of the location parameter at scale 1."""
         raise NotImplementedError
 
+    def std(self) -> float:
+        """Standard deviation at scale 1 (inf where the variance is not finite)."""
+        raise NotImplementedError
+
     def log_moments(self, shifts: np.ndarray, max_order: int) -> np.ndarray:
         """``log M_l(a)`` for l = 0..max_order (rows) and each standardised shift ``a >= 0`` (columns).
 
@@ -162,6 +166,9 @@ class Gaussian(NoiseFamily):
     def fisher_information(self):
         return 1.0
 
+    def std(self):
+        return 1.0
+
     def log_moments(self, shifts, max_order):
         ls = np.arange(max_order + 1, dtype=float)[:, None]
         return ls * (ls - 1) / 2 * np.square(np.asarray(shifts, dtype=float))[None, :]
@@ -180,6 +187,9 @@ class Laplace(NoiseFamily):
 
     def fisher_information(self):
         return 1.0
+
+    def std(self):
+        return math.sqrt(2.0)  # the difference of two unit exponentials
 
     def log_moments(self, shifts, max_order):
         # M_l(a) = l/(2l-1) e^{(l-1)a} + (l-1)/(2l-1) e^{-la}, l >= 1 (direct integration of e^{-l|x-a|+(l-1)|x|}/2)
@@ -229,6 +239,9 @@ class StudentT(NoiseFamily):
 
     def fisher_information(self):
         return (self.nu + 1) / (self.nu + 3)
+
+    def std(self):
+        return math.sqrt(self.nu / (self.nu - 2)) if self.nu > 2 else math.inf
 
     def _quadrature(self, shifts: np.ndarray, max_order: int, points: int) -> np.ndarray:
         """``log M_l(a)``, l = 0..max_order, by the midpoint rule on theta with ``x = sqrt(nu) tan(theta)``.

@@ -1,0 +1,80 @@
+"""`dpbench check`: every built-in mechanism passes; broken mechanisms fail on the property they break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dpbench.cli import app
+from dpbench.conformance import run_checks
+from dpbench.mechanisms import MECHANISMS, get_mechanism
+from dpbench.mechanisms.base import DPBenchOptimizer
+from dpbench.mechanisms.dpsgd import DPSGD
+from dpbench.registry import Entry
+
+PRIVATE = [n for n in MECHANISMS.names(plugins=False) if get_mechanism(n).private]
+#: GED's default codebook (k = 14,000) takes long to draw; the checks are the same with a short one.
+PARAMS = {"ged": {"k": 8, "codebook_rows": 4}}
+
+
+@pytest.mark.parametrize("name", PRIVATE)
+def test_every_built_in_mechanism_passes(name):
+    results = run_checks(name, PARAMS.get(name))
+    assert [p.name for p in results] == ["contribution", "canary", "noise", "physical batch", "empty batch", "resume"]
+    assert all(p.ok for p in results), [f"{p.name}: {p.detail}" for p in results if not p.ok]
+
+
+class UnclippedOptimizer(DPBenchOptimizer):
+    def clip_and_accumulate(self) -> None:  # sums raw per-sample gradients: no bound at all
+        self.accumulate_weighted(lambda norms: torch.ones_like(norms), float("inf"))
+
+
+class Unclipped(DPSGD):
+    name = "unclipped"
+    optimizer_class = UnclippedOptimizer
+
+
+class Forgetful(DPSGD):
+    """Halves its learning rate every step but keeps the step count out of its checkpoint state."""
+
+    name = "forgetful"
+
+    def setup(self, ctx) -> None:  # noqa: ANN001
+        self.steps_done = 0
+
+    def begin_step(self, ctx, step) -> None:  # noqa: ANN001
+        self.steps_done += 1
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = ctx.cfg.lr / 2 ** self.steps_done
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    for cls in (Unclipped, Forgetful):
+        monkeypatch.setitem(MECHANISMS._entries, cls.name, Entry(cls.name, cls, {"plugin": "tests"}))
+
+
+def test_an_unclipped_mechanism_fails_on_its_contribution(registered):
+    res = CliRunner().invoke(app, ["check", "unclipped"])
+    assert res.exit_code == 1, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("FAIL contribution") and "more than accounted" in lines[0]
+    assert "fails the conformance check: contribution" in res.output
+
+
+def test_state_left_out_of_the_checkpoint_fails_the_resume_property(registered):
+    results = {p.name: p for p in run_checks("forgetful")}
+    assert results["contribution"].ok and results["noise"].ok
+    assert not results["resume"].ok and "state_dict" in results["resume"].detail
+
+
+def test_nonprivate_exits_0_and_says_it_is_not_private():
+    res = CliRunner().invoke(app, ["check", "nonprivate"])
+    assert res.exit_code == 0 and "not private" in res.output
+
+
+def test_a_bad_name_or_parameter_is_bad_input():
+    assert CliRunner().invoke(app, ["check", "dpsdg"]).exit_code == 2
+    res = CliRunner().invoke(app, ["check", "auto_s", "--set", "gamma=-1"])
+    assert res.exit_code == 2 and "gamma" in res.output
