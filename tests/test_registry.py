@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import subprocess
 import sys
 import textwrap
@@ -59,12 +61,14 @@ def test_double_registration_is_an_error():
 
 PLUGIN = textwrap.dedent('''
     from dpbench.mechanisms.base import Mechanism, Param
+    from dpbench.recipes import Recipe
 
     class HalfClip(Mechanism):
         """A third-party mechanism: DP-SGD that clips to half of C (still within the accounted C)."""
         name = "halfclip"
         summary = "test plugin: DP-SGD clipping to C/2"
         param_specs = (Param("factor", float, 0.5, "fraction of C"),)
+        recipes = {"synthetic": Recipe("cnn_tanh", 32, 4, 0.123, "sgd", 0.0, 1.0, "the plugin's own recipe")}
 ''')
 
 
@@ -97,7 +101,14 @@ def test_plugin_runs_end_to_end_from_the_command_line(tmp_path):
                           "synthetic", "--eps", "8", "--steps", "3", "--quiet", "--out", "r.csv"],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "halfclip" in (tmp_path / "r.csv").read_text()
+    (row,) = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert row["mech"] == "halfclip" and float(row["lr"]) == 0.123 and row["batch_size"] == "32"  # its recipe
+    account = subprocess.run([sys.executable, "-m", "dpbench.cli", "account", "--mech", "halfclip", "--dataset",
+                              "synthetic", "--eps", "8", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert account.returncode == 0 and json.loads(account.stdout)["batch_size"] == 32
+    sweep = subprocess.run([sys.executable, "-m", "dpbench.cli", "sweep", "--mech", "halfclip", "--dataset", "synthetic",
+                            "--eps", "8", "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert sweep.returncode == 0 and "--batch-size 32" in sweep.stdout and "--lr 0.123" in sweep.stdout
 
 
 BROKEN = {

@@ -91,3 +91,18 @@ def test_an_older_csv_reads_with_the_newer_columns_backfilled(tmp_path):
     pd.DataFrame([{"dataset": "mnist", "model": "m", "mech": "dpis", "eps_target": 1.0, "test_acc": 0.9,
                    "seed": 0, "config_hash": "h", "sample_rate": 0.017}]).to_csv(path, index=False)
     assert load_results(path)["release_rate"].tolist() == [0.017]
+
+
+def test_run_and_audit_rows_share_one_writer_and_never_mix(tmp_path):
+    from dpbench.audit.runner import AUDITS
+
+    runs, audits = tmp_path / "runs.csv", tmp_path / "audit.csv"
+    append_row(runs, fake_row(0, 0))
+    audit_row = {c: f"{c}-a" for c in AUDITS.columns}
+    append_row(audits, audit_row, AUDITS)
+    append_row(audits, audit_row, AUDITS)
+    assert [tuple(r) for r in csv.DictReader(open(audits))] == [AUDITS.columns] * 2
+    with pytest.raises(BadInput, match="not a dpbench audit CSV"):
+        append_row(runs, audit_row, AUDITS)
+    with pytest.raises(BadInput, match="not a dpbench results CSV"):
+        append_row(audits, fake_row(1, 0))

@@ -20,11 +20,7 @@ How N and q are treated.
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
-import json
-import math
-import os
 import time
 import uuid
 from dataclasses import replace
@@ -47,6 +43,7 @@ from dpbench.mechanisms import get_mechanism
 from dpbench.models import MODELS
 from dpbench.models.inputs import prepare_for_model
 from dpbench.privacy import account, calibrate
+from dpbench.results import CsvSchema, append_row, check_compatible
 from dpbench.storage import write_text_atomic
 
 THREATS = ("white", "black")
@@ -61,6 +58,7 @@ AUDIT_COLUMNS: tuple[str, ...] = (
     "test_acc", "k_grid", "wall_s", "scores_file", "roc_file", "mech_params", "dpbench_version", "git_commit",
     "command",
 )
+AUDITS = CsvSchema("audit", AUDIT_COLUMNS)
 
 
 def _now() -> str:
@@ -127,7 +125,7 @@ def run_audit(cfg: RunConfig, *, canaries: int = DEFAULT_CANARIES, threat: str =
     MODELS.entry(cfg.model)
     validate_options(cfg)
     check_writable(cfg.out)
-    _check_header(Path(cfg.out))
+    check_compatible(Path(cfg.out), AUDITS)
     seed_of = lambda purpose: derive_seed(cfg.seed, purpose)  # noqa: E731
     included = draw_membership(seed_of, canaries)
 
@@ -182,7 +180,7 @@ def run_audit(cfg: RunConfig, *, canaries: int = DEFAULT_CANARIES, threat: str =
         "mech_params": mech.params, "dpbench_version": env["dpbench_version"], "git_commit": env["git_commit"],
         "command": audit_command(cfg, canaries, threat, train_size),
     }
-    append_audit_row(out, row)
+    append_row(out, row, AUDITS)
     return row
 
 
@@ -196,43 +194,6 @@ def audit_command(cfg: RunConfig, canaries: int, threat: str, train_size: int | 
 
 
 # -- files -----------------------------------------------------------------------------------------
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) else ("nan" if math.isnan(v) else repr(v))
-    if isinstance(v, dict):
-        return json.dumps(v, sort_keys=True)
-    return str(v)
-
-
-def _check_header(path: Path) -> None:
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="") as fh:
-            header = tuple(next(csv.reader(fh), ()))
-        if header != AUDIT_COLUMNS:
-            raise BadInput(f"--out {path}: existing CSV is not a dpbench audit CSV (other columns)")
-
-
-def append_audit_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row under an exclusive lock, header first for a new file; never a partial row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        _check_header(path)
-        if os.fstat(fd).st_size == 0:
-            writer.writerow(AUDIT_COLUMNS)
-        writer.writerow([_cell(row.get(c)) for c in AUDIT_COLUMNS])
-        os.write(fd, buf.getvalue().encode())
-        os.fsync(fd)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def _write_scores(path: Path, scores: np.ndarray, included: np.ndarray) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from dpbench.errors import BadInput
 from dpbench.mechanisms.norms import bounded_factors, per_sample_norms
 from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
+from dpbench.recipes import Recipe, RecipeKey
 from dpbench.registry import did_you_mean
 
 if TYPE_CHECKING:
@@ -146,6 +147,9 @@ class Mechanism:
     #: Shown in ``dpbench ls`` and reports when the mechanism or its accounting is our reconstruction.
     caveat: ClassVar[str | None] = None
     sgm_orders: ClassVar[tuple[float, ...]] = SGM_ORDERS
+    #: This mechanism's own recipes, keyed by dataset or (dataset, model), each with its source; anything
+    #: not here comes from the shared defaults (``dpbench.recipes``), DP-SGD's published rows.
+    recipes: ClassVar[Mapping[RecipeKey, Recipe]] = {}
     optimizer_class: ClassVar[type[DPBenchOptimizer]] = DPBenchOptimizer
 
     def __init__(self, **params: Any) -> None:

@@ -40,6 +40,7 @@ from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
 from dpbench.privacy.ged import CodebookSpec, GEDAccountant, NoiseFamily, load_codebook, make_family
 from dpbench.privacy.rdp import INTEGER_ORDERS
+from dpbench.recipes import Recipe
 
 
 def float32_below(rows: np.ndarray) -> torch.Tensor:
@@ -221,6 +222,18 @@ class GED(Mechanism):
     caveat = ("GED accountant (our reconstruction, Zhu-Wang subsampled RDP over codebook rows; the paper's "
               "theorem not checked); the forward-only exact eps and the Gaussian-equivalent z_eq are beside it")
     optimizer_class = GEDOptimizer
+    recipes = {
+        # Official code srxzr/DPtorch MNIST.py and README: batch 256, 100 epochs, lr 0.2 with its per-epoch
+        # schedule (lr_schedule=mnist), C 1, no momentum; the encoding, noise and denoising parameters are
+        # the mechanism's defaults (specs/ged.md §3.1). Model: cnn_tanh, since the zoo lacks the authors'
+        # 24k-parameter ReLU CNN. FMNIST reuses the MNIST row (not tuned).
+        "mnist": Recipe("cnn_tanh", 256, 100, 0.2, "sgd", 0.0, 1.0,
+                      "Nasr et al. 2020 official MNIST.py/README (B 256, 100 epochs, lr 0.2 scheduled, C 1)"),
+        "fmnist": Recipe("cnn_tanh", 256, 100, 0.2, "sgd", 0.0, 1.0,
+                      "Nasr et al. 2020 MNIST settings reused for Fashion-MNIST (not tuned)"),
+        "synthetic": Recipe("cnn_tanh", 64, 4, 0.2, "sgd", 0.0, 1.0,
+                      "dpbench test recipe, no momentum"),
+    }
     param_specs = (
         Param("noise", str, "student_t", "noise family on every coordinate: student_t, gaussian or laplace"),
         Param("nu", float, 9.0, "Student-t degrees of freedom"),

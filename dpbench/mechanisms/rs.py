@@ -28,6 +28,7 @@ from opacus.optimizers.optimizer import _check_processed_flag
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
+from dpbench.recipes import Recipe
 
 
 def mask_chunks(steps: int, steps_per_epoch: int, refresh: int) -> int:
@@ -112,6 +113,15 @@ class RandomSparsification(Mechanism):
     name = "rs"
     summary = "Random sparsification (Zhu & Blaschko 2023): shared random mask, clip on the masked norm"
     optimizer_class = SparsifiedOptimizer
+    recipes = {
+        # The T&B DP-SGD rows unchanged (C 0.1, momentum 0.9, as the official README's refresh run; the buffer
+        # is not masked, as in the official code), so that rs against dpsgd isolates the sparsification;
+        # p_final 0.9 and one mask per epoch are the defaults.
+        "mnist": Recipe("cnn_tanh", 512, 40, 0.5, "sgd", 0.9, 0.1,
+                      "T&B 2021 MNIST DP-SGD row; RS p_final 0.9, refresh 1 (Zhu & Blaschko 2023)"),
+        "fmnist": Recipe("cnn_tanh", 2048, 40, 4.0, "sgd", 0.9, 0.1,
+                      "T&B 2021 FMNIST DP-SGD row; RS p_final 0.9, refresh 1 (Zhu & Blaschko 2023)"),
+    }
     param_specs = (
         Param("p_final", float, 0.9, "fraction of coordinates dropped in the last chunk (0 in the first)"),
         Param("refresh", int, 1, "mask draws per epoch"),
