@@ -245,7 +245,7 @@ def sweep(
             raise BadInput(f"--jobs {jobs}: must be at least 1")
         device_list = _split(devices)
         if device_list:
-            from dpbench.engine import resolve_device
+            from dpbench.pipeline import resolve_device
 
             for d in device_list:
                 resolve_device(d)

@@ -34,16 +34,15 @@ import torch.nn as nn
 
 from dpbench.audit import stats
 from dpbench.audit.canaries import GradientCanaries, draw_membership, flip_labels
-from dpbench.config import RunConfig, check_writable, validate, validate_options
-from dpbench.data import DatasetBundle, load_dataset
-from dpbench.engine import derive_seed, resolve_device, train
+from dpbench.config import RunConfig
+from dpbench.data import DatasetBundle
+from dpbench.engine import train
+from dpbench.pipeline import prepare
+from dpbench.runstate import derive_seed
 from dpbench.environment import environment
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
-from dpbench.models import MODELS
-from dpbench.models.inputs import prepare_for_model
-from dpbench.privacy import account, calibrate
-from dpbench.results import CsvSchema, append_row, check_compatible
+from dpbench.results import CsvSchema, append_row
 from dpbench.storage import write_text_atomic
 
 THREATS = ("white", "black")
@@ -120,27 +119,19 @@ def run_audit(cfg: RunConfig, *, canaries: int = DEFAULT_CANARIES, threat: str =
     """
     started, t0 = _now(), time.perf_counter()
     check_audit_options(cfg, canaries, threat, train_size)
-    device = resolve_device(cfg.device)
-    mech = get_mechanism(cfg.mech)(**cfg.mech_params)
-    MODELS.entry(cfg.model)
-    validate_options(cfg)
-    check_writable(cfg.out)
-    check_compatible(Path(cfg.out), AUDITS)
     seed_of = lambda purpose: derive_seed(cfg.seed, purpose)  # noqa: E731
     included = draw_membership(seed_of, canaries)
+    black_box: list[torch.Tensor] = []
 
-    data = _subset(load_dataset(cfg.dataset, cfg.data_dir), train_size)
-    data = prepare_for_model(data, cfg.model, device)
-    if threat == "black":
+    def with_input_canaries(data: DatasetBundle) -> DatasetBundle:
         data, canary_x, canary_y = _input_canaries(data, canaries, included, seed_of)
-    n = data.train_size
-    validate(cfg, n)
-    q, steps = cfg.sample_rate(n), cfg.num_steps(n)
-    mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
-    noise = calibrate(mech, cfg.eps, q, steps, cfg.delta) if mech.private else 0.0
-    privacy = account(mech, noise, q, steps, cfg.delta, with_prv=False)
-    if mech.private and not privacy.eps <= cfg.eps:
-        raise RuntimeError(f"eps spent {privacy.eps} exceeds the target {cfg.eps}")
+        black_box.extend((canary_x, canary_y))
+        return data
+
+    prepared = prepare(cfg, schema=AUDITS, raw_data=lambda data: _subset(data, train_size),
+                       model_data=with_input_canaries if threat == "black" else None, with_prv=False)
+    device, mech, data, noise, privacy = prepared.device, prepared.mech, prepared.data, prepared.noise, prepared.privacy
+    n, q, steps = prepared.n, prepared.q, prepared.steps
     canary_rate = mech.sample_rate(q)
 
     hook = None
@@ -153,7 +144,7 @@ def run_audit(cfg: RunConfig, *, canaries: int = DEFAULT_CANARIES, threat: str =
             raise RuntimeError(f"the canary hook ran {hook.steps_seen} times in {steps} steps")
         scores = hook.scores(get_mechanism(cfg.mech)(**cfg.mech_params))
     else:
-        scores = _loss_scores(outcome.model, canary_x, canary_y, device)
+        scores = _loss_scores(outcome.model, *black_box, device)
     result = stats.audit(scores, included, cfg.delta, beta=1.0 - CONFIDENCE)
 
     audit_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.mech}-{threat}-{uuid.uuid4().hex[:6]}"

@@ -15,7 +15,8 @@ from dpbench.audit.runner import AUDIT_COLUMNS, read_scores, run_audit
 from dpbench.cli import app
 from dpbench.config import resolve
 from dpbench.data import load_dataset
-from dpbench.engine import derive_seed, train
+from dpbench.engine import train
+from dpbench.runstate import derive_seed
 from dpbench.mechanisms import MECHANISMS, get_mechanism
 
 

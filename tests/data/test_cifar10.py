@@ -15,7 +15,8 @@ from dpbench.cli import app
 from dpbench.config import resolve
 from dpbench.data import DatasetBundle, dataset_variant, load_dataset
 from dpbench.data import cifar10
-from dpbench.engine import _average_augmentations, train
+from dpbench.engine import train
+from dpbench.step import average_augmentations
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 
@@ -128,7 +129,7 @@ def test_random_crop_flip_is_a_padded_shifted_possibly_mirrored_copy():
 def test_average_augmentations_gives_one_gradient_per_example():
     p = torch.nn.Parameter(torch.zeros(2, 3))
     p.grad_sample = torch.arange(4 * 3 * 6, dtype=torch.float32).view(12, 2, 3)  # 4 examples x 3 copies
-    _average_augmentations([p], 3)
+    average_augmentations([p], 3)
     assert p.grad_sample.shape == (4, 2, 3)
     torch.testing.assert_close(p.grad_sample[1], torch.arange(18, 36, dtype=torch.float32).view(3, 2, 3).mean(0))
 

@@ -18,7 +18,8 @@ from dpbench.checkpoint import Checkpointer
 from dpbench.cli import app
 from dpbench.config import resolve
 from dpbench.data import load_dataset
-from dpbench.engine import make_generator, train
+from dpbench.engine import train
+from dpbench.runstate import make_generator
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import TrainContext
