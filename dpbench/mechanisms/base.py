@@ -103,21 +103,47 @@ class DPBenchOptimizer(DPOptimizer):
         """
         self.accumulate_weighted(lambda norms: torch.ones_like(norms), self.max_grad_norm)
 
-    def accumulate_weighted(self, weight: Callable[[torch.Tensor], torch.Tensor], bound: float) -> torch.Tensor:
-        """Add ``sum_i f_i g_i`` to ``summed_grad``, ``f_i = weight(norms)_i`` lowered so ``||f_i g_i|| <= bound``.
-
-        ``weight`` maps the float64 per-sample norms to float64 factors. Returns those norms.
-        """
-        grad_samples = self.grad_samples
-        norms = per_sample_norms(grad_samples)
-        weights = weight(norms) if len(norms) else torch.zeros_like(norms)
-        for p in self.params:
+    # -- public helpers for mechanisms (instead of Opacus' private ones) ------------------------
+    def take_per_sample_gradients(self, masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """This chunk's per-sample gradients, one ``[n, *shape]`` tensor per parameter in its dtype; each chunk's
+        once. ``masks`` (one per parameter, 0/1) are applied first, as a data-independent sparsification."""
+        out = []
+        for i, p in enumerate(self.params):
             _check_processed_flag(p.grad_sample)
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            factors = bounded_factors(weights.to(grad_sample.device), norms.to(grad_sample.device), bound, p.dtype)
-            contribution = torch.einsum("i,i...", factors, grad_sample)
-            p.summed_grad = contribution if p.summed_grad is None else p.summed_grad + contribution
+            out.append(grad_sample * masks[i] if masks is not None else grad_sample)
             _mark_as_processed(p.grad_sample)
+        return out
+
+    def add_to_sum(self, contributions: list[torch.Tensor]) -> None:
+        """Add one chunk's summed contribution (one tensor per parameter) to the step's sum."""
+        for p, c in zip(self.params, contributions):
+            p.summed_grad = c if p.summed_grad is None else p.summed_grad + c
+
+    def take_sum(self) -> list[torch.Tensor]:
+        """The step's summed contributions (canary included), once, for a mechanism's own noise."""
+        out = []
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            out.append(p.summed_grad)
+            _mark_as_processed(p.summed_grad)
+        return out
+
+    def accumulate_weighted(self, weight: Callable[[torch.Tensor], torch.Tensor], bound: float,
+                            masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Add ``sum_i f_i g_i`` to the sum, ``f_i = weight(norms)_i`` lowered so that ``||f_i g_i|| <= bound``.
+
+        ``weight`` maps the float64 per-sample norms to float64 factors; ``masks`` as in
+        :meth:`take_per_sample_gradients`. Returns the norms.
+        """
+        grad_samples = self.take_per_sample_gradients(masks)
+        norms = per_sample_norms(grad_samples)
+        weights = weight(norms) if len(norms) else torch.zeros_like(norms)
+        contributions = []
+        for p, grad_sample in zip(self.params, grad_samples):
+            factors = bounded_factors(weights.to(grad_sample.device), norms.to(grad_sample.device), bound, p.dtype)
+            contributions.append(torch.einsum("i,i...", factors, grad_sample))
+        self.add_to_sum(contributions)
         return norms
 
     def add_canary(self) -> None:

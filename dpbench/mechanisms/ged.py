@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
@@ -165,15 +164,10 @@ class GEDOptimizer(DPBenchOptimizer):
         return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
     def clip_and_accumulate(self) -> None:
-        per_sample = []
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            g = self._get_flat_grad_sample(p).to(p.dtype)
-            per_sample.append(g.reshape(len(g), p.numel()))  # -1 is ambiguous for an empty batch
+        # one row per example; reshape(len(g), -1) would be ambiguous for an empty batch
+        per_sample = [g.reshape(len(g), p.numel()) for p, g in zip(self.params, self.take_per_sample_gradients())]
         summed = self.encoder(torch.cat(per_sample, dim=1)).sum(dim=0)  # one example per encoded vector
-        for p, part in zip(self.params, self._split(summed)):
-            p.summed_grad = part.clone() if p.summed_grad is None else p.summed_grad + part
-            _mark_as_processed(p.grad_sample)
+        self.add_to_sum([part.clone() for part in self._split(summed)])
 
     def _noise_generator(self) -> torch.Generator:
         if self.generator is None:  # Opacus' default is the global RNG; ours is always a dedicated one
@@ -182,16 +176,13 @@ class GEDOptimizer(DPBenchOptimizer):
 
     def add_noise(self) -> None:
         self.add_canary()
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-        clean = self._flat(p.summed_grad for p in self.params)
+        clean = self._flat(self.take_sum())
         if self.debug:
             self._clean_sum = clean.detach().clone()
         noise = self.family.sample((clean.numel(),), self.noise_multiplier * self.quant_clip,
                                    self._noise_generator(), dtype=clean.dtype)
         for p, part in zip(self.params, self._split(clean + noise)):  # noise on ALL d coordinates
             p.grad = part.clone()
-            _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
         super().scale_grad()  # / B: the released average

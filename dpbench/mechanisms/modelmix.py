@@ -32,7 +32,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
@@ -106,19 +105,17 @@ class ModelMixOptimizer(DPBenchOptimizer):
 
     def clip_and_accumulate(self) -> None:
         """Algorithm 2: scale each sample to l2 norm at most C, then cap every coordinate at C/sqrt(p)."""
-        norms = per_sample_norms(self.grad_samples)
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+        grad_samples = self.take_per_sample_gradients()
+        norms = per_sample_norms(grad_samples)
+        sums = []
+        for p, grad_sample in zip(self.params, grad_samples):
             # the l2 factor stays within C after float32 rounding (norms.py); the l-inf cap only lowers it
             factor = bounded_factors(torch.ones_like(norms), norms, self.max_grad_norm, p.dtype)
             scale = factor.to(grad_sample.device).view(-1, *([1] * (grad_sample.dim() - 1)))
             # the cap in the gradients' dtype, rounded down: float32(0.1) is above 0.1
             cap = float(round_toward_zero(torch.tensor([self.coordinate_bound], dtype=torch.float64), p.dtype))
-            clipped = (grad_sample * scale).clamp(-cap, cap)
-            summed = clipped.sum(dim=0)
-            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
-            _mark_as_processed(p.grad_sample)
+            sums.append((grad_sample * scale).clamp(-cap, cap).sum(dim=0))
+        self.add_to_sum(sums)
 
     def step(self, closure=None):  # noqa: ANN001 (torch's optimizer signature)
         if closure is not None:

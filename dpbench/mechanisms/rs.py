@@ -23,7 +23,6 @@ import math
 from typing import Any
 
 import torch
-from opacus.optimizers.optimizer import _check_processed_flag
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
@@ -79,12 +78,8 @@ class SparsifiedOptimizer(DPBenchOptimizer):
         return sum(int((m == 0).sum()) for m in self.keep_masks)
 
     def clip_and_accumulate(self) -> None:
-        if self.keep_masks is not None:
-            # Masking first means the clip factor uses the norm of the sparsified gradient (spec 4.1).
-            for p, keep in zip(self.params, self.keep_masks):
-                _check_processed_flag(p.grad_sample)
-                p.grad_sample = self._get_flat_grad_sample(p) * keep
-        super().clip_and_accumulate()
+        # Masking first means the clip factor uses the norm of the sparsified gradient (spec 4.1).
+        self.accumulate_weighted(lambda norms: torch.ones_like(norms), self.max_grad_norm, masks=self.keep_masks)
 
     def add_noise(self) -> None:
         # Full-size noise keeps the random stream identical to DP-SGD's; zeroing it on the dropped
