@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -24,22 +24,51 @@ def fail(exc: BadInput) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+# Options that run and audit share, defined once.
+MechOption = Annotated[str, typer.Option("--mech", help="mechanism name (see 'dpbench ls mechanisms')")]
+DatasetOption = Annotated[Optional[str], typer.Option(help="dataset name (default: mnist)")]
+ModelOption = Annotated[Optional[str], typer.Option(help="model name (default: from the recipe)")]
+DeltaOption = Annotated[Optional[float], typer.Option(help="target delta (default: 1e-5)")]
+EpochsOption = Annotated[Optional[float], typer.Option(help="nominal epochs: T = floor(E*N/B) Poisson steps")]
+StepsOption = Annotated[Optional[int], typer.Option(help="number of steps T (instead of --epochs, not with it)")]
+BatchSizeOption = Annotated[Optional[int], typer.Option(help="expected (logical) batch size B; q = B/N")]
+PhysicalBatchOption = Annotated[Optional[int], typer.Option(help="chunk size for memory; changes no result")]
+LrOption = Annotated[Optional[float], typer.Option(help="learning rate")]
+OptimizerOption = Annotated[Optional[str], typer.Option(help="sgd or adam")]
+MomentumOption = Annotated[Optional[float], typer.Option(help="SGD momentum")]
+ClipOption = Annotated[Optional[float], typer.Option(help="clipping bound C")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cpu)")]
+DataDirOption = Annotated[Optional[str], typer.Option(help="offline data folder (or $DPBENCH_DATA)")]
+SetOption = Annotated[list[str], typer.Option("--set", help="mechanism parameter key=value (repeatable)")]
+ForceOption = Annotated[bool, typer.Option("--force", help="allow delta >= 1/N")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bar or progress lines")]
+
+
+def _training_options(**flags: Any) -> dict[str, Any]:
+    """The flags of run and audit as ``resolve`` takes them (``None`` = not given)."""
+    for switch in ("secure", "force"):
+        if switch in flags:
+            flags[switch] = flags[switch] or None
+    return flags
+
+
+
 @app.command()
 def run(
-    mech: str = typer.Option(..., "--mech", help="mechanism name (see 'dpbench ls mechanisms')"),
-    dataset: Optional[str] = typer.Option(None, help="dataset name [default: mnist]"),
-    model: Optional[str] = typer.Option(None, help="model name [default: from the recipe]"),
+    mech: MechOption,
+    dataset: DatasetOption = None,
+    model: ModelOption = None,
     eps: Optional[float] = typer.Option(None, help="target epsilon; 'inf' = non-private"),
-    delta: Optional[float] = typer.Option(None, help="target delta [default: 1e-5]"),
-    epochs: Optional[float] = typer.Option(None, help="nominal epochs: T = floor(E*N/B) Poisson steps"),
-    steps: Optional[int] = typer.Option(None, help="number of steps T (instead of --epochs, not with it)"),
-    batch_size: Optional[int] = typer.Option(None, help="expected (logical) batch size B; q = B/N"),
-    physical_batch_size: Optional[int] = typer.Option(None, help="chunk size for memory; changes no result"),
-    lr: Optional[float] = typer.Option(None, help="learning rate"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd or adam"),
-    momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
-    clip: Optional[float] = typer.Option(None, help="clipping bound C"),
-    seed: Optional[int] = typer.Option(None, help="seed of every generator [default: 0]"),
+    delta: DeltaOption = None,
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    batch_size: BatchSizeOption = None,
+    physical_batch_size: PhysicalBatchOption = None,
+    lr: LrOption = None,
+    optimizer: OptimizerOption = None,
+    momentum: MomentumOption = None,
+    clip: ClipOption = None,
+    seed: Optional[int] = typer.Option(None, help="seed of every generator (default: 0)"),
     secure: bool = typer.Option(False, "--secure", help=(
         "seed every generator of the run (noise, sampling, masks, draws) from OS entropy, never recorded, and draw "
         "Opacus' Gaussian noise with its floating-point-attack hardening. Protects against an adversary who knows "
@@ -48,13 +77,13 @@ def run(
         "Student-t/Laplace noise and DPIS's normaliser noise get no floating-point hardening. With --resume a "
         "secure run continues only its own secure checkpoint and never a reproducible run's: it starts afresh "
         "instead")),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cpu]"),
-    data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
-    out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV [default: results/runs.csv]"),
-    sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV (default: results/runs.csv)"),
+    sets: SetOption = [],
     config: Optional[str] = typer.Option(None, help="TOML file with the same options"),
-    force: bool = typer.Option(False, "--force", help="allow delta >= 1/N"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    force: ForceOption = False,
+    quiet: QuietOption = False,
     resume: bool = typer.Option(False, "--resume", help="continue from this configuration's checkpoint "
                                 "(<folder of --out>/checkpoints/; --secure runs keep their own)"),
     checkpoint_every: float = typer.Option(300.0, help="seconds between checkpoints"),
@@ -67,11 +96,11 @@ def run(
     from dpbench.config import parse_sets, resolve
     from dpbench.engine import run as run_engine
 
-    options: dict[str, Any] = dict(
+    options = _training_options(
         mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
         batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, optimizer=optimizer,
-        momentum=momentum, clip=clip, seed=seed, secure=secure or None, device=device, data_dir=data_dir,
-        out=out_csv, force=force or None)
+        momentum=momentum, clip=clip, seed=seed, secure=secure, device=device, data_dir=data_dir,
+        out=out_csv, force=force)
     try:
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options, config)
@@ -119,12 +148,12 @@ def _print_summary(row: dict[str, Any], path: str) -> None:
 @app.command()
 def account(
     mech: str = typer.Option(..., "--mech"),
-    dataset: Optional[str] = typer.Option(None, help="dataset whose size N and recipe to use [default: mnist]"),
+    dataset: Optional[str] = typer.Option(None, help="dataset whose size N and recipe to use (default: mnist)"),
     n: Optional[int] = typer.Option(None, "--n", help="dataset size N (instead of --dataset)"),
-    model: Optional[str] = typer.Option(None, help="model whose recipe gives B, C and epochs [default: the dataset's]"),
-    batch_size: Optional[int] = typer.Option(None, help="expected batch size B [default: recipe]"),
-    clip: Optional[float] = typer.Option(None, help="clipping bound C [default: recipe] (changes eps only for modelmix)"),
-    epochs: Optional[float] = typer.Option(None, help="nominal epochs [default: recipe]"),
+    model: Optional[str] = typer.Option(None, help="model whose recipe gives B, C and epochs (default: the dataset's)"),
+    batch_size: Optional[int] = typer.Option(None, help="expected batch size B (default: recipe)"),
+    clip: Optional[float] = typer.Option(None, help="clipping bound C (default: recipe) (changes eps only for modelmix)"),
+    epochs: Optional[float] = typer.Option(None, help="nominal epochs (default: recipe)"),
     steps: Optional[int] = typer.Option(None, help="number of steps T (instead of --epochs, not with it)"),
     eps: Optional[float] = typer.Option(None, help="target eps: print the calibrated noise"),
     sigma: Optional[float] = typer.Option(None, help="noise multiplier: print the eps spent"),
@@ -222,7 +251,7 @@ def sweep(
     devices: Optional[str] = typer.Option(None, help="one worker per device, e.g. cuda:0,cuda:1"),
     jobs: int = typer.Option(1, help="CPU worker processes (ignored with --devices)"),
     data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
-    out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV [default: spec's out, else results/sweep.csv]"),
+    out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV (default: spec's out, else results/sweep.csv)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the configurations and exit"),
 ) -> None:
     """Run a grid of configurations, skipping those already in the CSV; resumable and crash-safe."""
@@ -293,7 +322,7 @@ def plot(
 @app.command()
 def report(
     csv_file: str = typer.Argument(..., help="results CSV"),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="markdown path [default: stdout]"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="markdown path (default: stdout)"),
     title: str = typer.Option("dpbench report", help="report title"),
     baseline: str = typer.Option("dpsgd", help="mechanism every other one is paired with, seed by seed"),
     baseline_config: list[str] = typer.Option([], "--baseline-config", help=(
@@ -321,39 +350,39 @@ def report(
 
 @app.command()
 def audit(
-    mech: str = typer.Option(..., "--mech", help="mechanism name (see 'dpbench ls mechanisms')"),
-    dataset: Optional[str] = typer.Option(None, help="dataset name [default: mnist]"),
+    mech: MechOption,
+    dataset: DatasetOption = None,
     eps: Optional[float] = typer.Option(None, help="claimed (target) epsilon; the run is calibrated to it"),
     canaries: int = typer.Option(1000, help="number of canaries m, each included with probability 1/2"),
     threat: str = typer.Option("white", help="white (gradient canaries) or black (label-flipped inputs)"),
     train_size: Optional[int] = typer.Option(None, help="train on the first N records only (quicker audits)"),
-    model: Optional[str] = typer.Option(None, help="model name [default: from the recipe]"),
-    delta: Optional[float] = typer.Option(None, help="delta [default: 1e-5]"),
-    epochs: Optional[float] = typer.Option(None, help="nominal epochs [default: the recipe's]"),
-    steps: Optional[int] = typer.Option(None, help="number of steps T (instead of --epochs, not with it)"),
-    batch_size: Optional[int] = typer.Option(None, help="expected batch size B"),
-    physical_batch_size: Optional[int] = typer.Option(None, help="chunk size for memory; changes no result"),
-    lr: Optional[float] = typer.Option(None, help="learning rate"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd or adam"),
-    momentum: Optional[float] = typer.Option(None, help="SGD momentum"),
-    clip: Optional[float] = typer.Option(None, help="clipping bound C"),
-    seed: Optional[int] = typer.Option(None, help="seed of the run and of the canaries [default: 0]"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N [default: cpu]"),
-    data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
-    out_csv: Optional[str] = typer.Option(None, "--out", help="audit CSV [default: results/audit.csv]"),
-    sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
-    force: bool = typer.Option(False, "--force", help="allow delta >= 1/N"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    model: ModelOption = None,
+    delta: DeltaOption = None,
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    batch_size: BatchSizeOption = None,
+    physical_batch_size: PhysicalBatchOption = None,
+    lr: LrOption = None,
+    optimizer: OptimizerOption = None,
+    momentum: MomentumOption = None,
+    clip: ClipOption = None,
+    seed: Optional[int] = typer.Option(None, help="seed of the run and of the canaries (default: 0)"),
+    device: DeviceOption = None,
+    data_dir: DataDirOption = None,
+    out_csv: Optional[str] = typer.Option(None, "--out", help="audit CSV (default: results/audit.csv)"),
+    sets: SetOption = [],
+    force: ForceOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """One-run privacy audit (Steinke et al. 2023): an empirical lower bound on eps, at 95% confidence."""
     from dpbench.audit.runner import run_audit
     from dpbench.config import is_private, parse_sets, resolve
 
-    options: dict[str, Any] = dict(
+    options = _training_options(
         mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
         batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, optimizer=optimizer,
         momentum=momentum, clip=clip, seed=seed, device=device, data_dir=data_dir,
-        out=out_csv or "results/audit.csv", force=force or None)
+        out=out_csv or "results/audit.csv", force=force)
     try:
         if eps is None and is_private(mech):
             raise BadInput("missing --eps: give the claimed epsilon (or inf for the non-private control)")

@@ -235,3 +235,10 @@ def test_nonprivate_says_that_it_ignores_eps():
     assert res.exit_code == 0
     assert "warning: --eps 3 is ignored" in " ".join(res.stderr.split())
     assert "ignored" not in invoke("run", "--mech", "nonprivate", *QUICK).stderr
+
+
+def test_run_help_says_what_secure_does_and_does_not_protect():
+    text = " ".join(invoke("run", "--help").output.replace("│", " ").split())
+    for phrase in ("OS entropy", "floating-point-attack", "does NOT make the generators cryptographic",
+                   "torchcsprng", "never a reproducible run's", "(default: mnist)"):
+        assert phrase in text, phrase
