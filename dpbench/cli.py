@@ -44,12 +44,18 @@ ForceOption = Annotated[bool, typer.Option("--force", help="allow delta >= 1/N")
 QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bar or progress lines")]
 
 
-def _training_options(**flags: Any) -> dict[str, Any]:
-    """The flags of run and audit as ``resolve`` takes them (``None`` = not given)."""
+#: The flags of run and audit that become RunConfig fields.
+TRAINING_FLAGS = ("mech", "dataset", "model", "eps", "delta", "epochs", "steps", "batch_size", "physical_batch_size",
+                  "lr", "optimizer", "momentum", "clip", "seed", "secure", "device", "data_dir", "force")
+
+
+def _training_options(flags: dict[str, Any], out: str | None) -> dict[str, Any]:
+    """A command's flags (its ``locals()``) as ``resolve`` takes them: ``None`` = not given."""
+    options = {k: flags[k] for k in TRAINING_FLAGS if k in flags}
     for switch in ("secure", "force"):
-        if switch in flags:
-            flags[switch] = flags[switch] or None
-    return flags
+        if switch in options:
+            options[switch] = options[switch] or None
+    return {**options, "out": out}
 
 
 
@@ -96,11 +102,7 @@ def run(
     from dpbench.config import parse_sets, resolve
     from dpbench.engine import run as run_engine
 
-    options = _training_options(
-        mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
-        batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, optimizer=optimizer,
-        momentum=momentum, clip=clip, seed=seed, secure=secure, device=device, data_dir=data_dir,
-        out=out_csv, force=force)
+    options = _training_options(locals(), out_csv)
     try:
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options, config)
@@ -378,11 +380,7 @@ def audit(
     from dpbench.audit.runner import run_audit
     from dpbench.config import is_private, parse_sets, resolve
 
-    options = _training_options(
-        mech=mech, dataset=dataset, model=model, eps=eps, delta=delta, epochs=epochs, steps=steps,
-        batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr, optimizer=optimizer,
-        momentum=momentum, clip=clip, seed=seed, device=device, data_dir=data_dir,
-        out=out_csv or "results/audit.csv", force=force)
+    options = _training_options(locals(), out_csv or "results/audit.csv")
     try:
         if eps is None and is_private(mech):
             raise BadInput("missing --eps: give the claimed epsilon (or inf for the non-private control)")
