@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dpbench.cli import app
 from dpbench.conformance import run_checks
 from dpbench.mechanisms import MECHANISMS, get_mechanism
-from dpbench.mechanisms.base import DPBenchOptimizer
+from dpbench.mechanisms.base import PerSample
 from dpbench.mechanisms.dpsgd import DPSGD
 from dpbench.registry import Entry
 
@@ -25,20 +24,20 @@ def test_every_built_in_mechanism_passes(name):
     assert all(p.ok for p in results), [f"{p.name}: {p.detail}" for p in results if not p.ok]
 
 
-class UnclippedOptimizer(DPBenchOptimizer):
-    def clip_and_accumulate(self) -> None:  # sums raw per-sample gradients: no bound at all
-        self.accumulate_weighted(lambda norms: torch.ones_like(norms), float("inf"))
-
-
 class Unclipped(DPSGD):
+    """Sums raw per-sample gradients: no bound at all."""
+
     name = "unclipped"
-    optimizer_class = UnclippedOptimizer
+    per_sample = PerSample.GRADIENTS
+
+    def transform(self, grads, clip):  # noqa: ANN001
+        return [g.sum(dim=0) for g in grads]
 
 
-class Forgetful(DPSGD):
-    """Halves its learning rate every step but keeps the step count out of its checkpoint state."""
+class Counting(DPSGD):
+    """Halves its learning rate every step, counting steps on itself: saved without declaring anything."""
 
-    name = "forgetful"
+    name = "counting"
 
     def setup(self, ctx) -> None:  # noqa: ANN001
         self.steps_done = 0
@@ -49,9 +48,24 @@ class Forgetful(DPSGD):
             group["lr"] = ctx.cfg.lr / 2 ** self.steps_done
 
 
+class Hidden(Counting):
+    """The same, but it hides its count outside itself (in the class), where no checkpoint can see it."""
+
+    name = "hidden"
+    count = [0]
+
+    def setup(self, ctx) -> None:  # noqa: ANN001
+        Hidden.count[0] = 0
+
+    def begin_step(self, ctx, step) -> None:  # noqa: ANN001
+        Hidden.count[0] += 1
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = ctx.cfg.lr / 2 ** Hidden.count[0]
+
+
 @pytest.fixture
 def registered(monkeypatch):
-    for cls in (Unclipped, Forgetful):
+    for cls in (Unclipped, Counting, Hidden):
         monkeypatch.setitem(MECHANISMS._entries, cls.name, Entry(cls.name, cls, {"plugin": "tests"}))
 
 
@@ -63,8 +77,12 @@ def test_an_unclipped_mechanism_fails_on_its_contribution(registered):
     assert "fails the conformance check: contribution" in res.output
 
 
-def test_state_left_out_of_the_checkpoint_fails_the_resume_property(registered):
-    results = {p.name: p for p in run_checks("forgetful")}
+def test_state_kept_on_the_mechanism_is_checkpointed_without_declaring_it(registered):
+    assert all(p.ok for p in run_checks("counting"))
+
+
+def test_state_hidden_outside_the_mechanism_fails_the_resume_property(registered):
+    results = {p.name: p for p in run_checks("hidden")}
     assert results["contribution"].ok and results["noise"].ok
     assert not results["resume"].ok and "state_dict" in results["resume"].detail
 

@@ -14,7 +14,6 @@ from dpbench.data import load_dataset
 from dpbench.engine import train
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
-from dpbench.mechanisms.base import DPBenchOptimizer
 from dpbench.models import MODELS
 from dpbench.registry import Entry
 
@@ -65,12 +64,12 @@ def test_noise_free_dpsgd_with_huge_clip_is_sgd_on_the_poisson_batch():
 def _one_step(model_seed: int, x, y, canary=None, noise=0.0, gen_seed=0, clip=1.0, b=4):
     torch.manual_seed(model_seed)
     model = GradSampleModule(nn.Linear(3, 2), loss_reduction="mean")
-    opt = DPBenchOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=noise,
-                           max_grad_norm=clip, expected_batch_size=b,
-                           generator=torch.Generator().manual_seed(gen_seed))
+    opt = get_mechanism("dpsgd")().make_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=noise,
+                                                  max_grad_norm=clip, expected_batch_size=b,
+                                                  generator=torch.Generator().manual_seed(gen_seed))
     opt.canary = canary
     nn.functional.cross_entropy(model(x), y).backward()
-    opt.pre_step()
+    opt.step()  # the release, then the update: p.grad holds the released mean
     summed = [p.summed_grad.clone() for p in opt.params]
     return [p.grad.clone() for p in opt.params], summed
 

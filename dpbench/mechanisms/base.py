@@ -1,24 +1,37 @@
 """The mechanism plugin interface.
 
 A DP-SGD step has five places where the mechanisms of the literature differ. A mechanism is one
-class that overrides only the places it changes; the training loop (``dpbench.engine``), data,
-models and results are shared:
+class that overrides only the places it changes; the loop (``dpbench.engine``, ``dpbench.step``),
+the per-chunk accumulation, empty batches, checkpoints and the audit's canary are the engine's:
 
-1. sampling              ``make_sampler``          (default: Poisson at rate q, Opacus' sampler)
-2. per-sample transform  ``optimizer_class.clip_and_accumulate``   (default: clip to C)
-3. noise                 ``optimizer_class.add_noise``             (default: N(0, (sigma C)^2) on the sum)
-4. update                ``optimizer_class.step``                  (default: the base optimizer's step)
-   plus ``setup`` (once) and ``begin_step`` (every step), which see a :class:`TrainContext`
-5. accounting            ``rdp`` and ``sample_rate``               (default: sampled-Gaussian RDP)
+1. sampling    ``make_sampler(n, q, steps, generator)`` -> ``steps`` lists of record indices
+               (default: Poisson at rate q).
+2. per-sample  declared by ``per_sample``:
+   transform   ``PerSample.NORMS``: ``per_sample_weights(norms, clip)`` maps the float64 per-sample
+               gradient norms (over all parameters, after ``coordinate_masks()`` if any) to float64
+               weights; the engine forms ``sum_i w_i g_i`` with every ``||w_i g_i|| <= sensitivity(clip)``
+               after rounding (default weights 1: DP-SGD's clipping). Needs only norms, so a fast path
+               can avoid materialising per-sample gradients.
+               ``PerSample.GRADIENTS``: ``transform(grads, clip)`` gets each parameter's per-sample
+               gradients ``[n, *shape]`` of one physical chunk and returns that chunk's summed
+               contribution per parameter (each record's within ``sensitivity(clip)``).
+3. noise       ``noise(summed, release)`` -> the released sum per parameter (default: Gaussian noise of
+               std ``noise_multiplier * sensitivity(clip)`` on every coordinate).
+4. update      ``update(released, release)`` applies the released sum to the model (default: divide
+               by the expected batch size B and take the base optimizer's step).
+5. accounting  ``rdp``, ``sample_rate`` (the release rate) and ``privacy_extras``; ``sensitivity`` and
+               ``noise_std`` state what the accountant assumes (``dpbench check`` measures both).
+   plus ``setup(ctx)`` once and ``begin_step(ctx, step)`` every step, which see a :class:`TrainContext`.
 
-Places 2-4 live in a subclass of Opacus' ``DPOptimizer``, so per-sample gradients, accumulation
-over physical batches and noise generation stay Opacus'. The audit inserts a canary into a step
-through ``DPBenchOptimizer.canary``, shaped by ``Mechanism.canary_contribution`` as the worst
-case the mechanism's accountant assumes.
+State: everything a mechanism keeps on itself is saved in checkpoints and restored on ``--resume``
+by default (``state_dict``), except generators (the engine saves those, never in ``--secure`` mode)
+and attributes named in ``transient`` (rebuilt by ``setup``), so a plugin cannot forget its state.
 """
 
 from __future__ import annotations
 
+import copy
+import enum
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
@@ -89,21 +102,45 @@ class TrainContext:
     build_model: Callable[[], torch.nn.Module] | None = None
 
 
+class PerSample(enum.Enum):
+    """What a mechanism's per-sample transform needs to see."""
+
+    NORMS = "norms"  # a weight per record from its gradient norm (clipping, scaling, importance weights)
+    GRADIENTS = "gradients"  # the whole per-sample gradient (ModelMix's l-inf cap, GED's top-k encoding)
+
+
+def gaussian_noise(std: float, like: torch.Tensor, generator: torch.Generator | None,
+                   secure_mode: bool = False) -> torch.Tensor:
+    """N(0, std^2) shaped like ``like``; ``secure_mode`` draws it as Opacus' floating-point-hardened sum of 4."""
+    if std == 0:
+        return torch.zeros(like.shape, device=like.device, dtype=like.dtype)
+    if secure_mode:
+        torch.normal(mean=0, std=std, size=(1, 1), device=like.device, generator=generator)  # discarded
+        total = torch.zeros(like.shape, device=like.device, dtype=like.dtype)
+        for _ in range(4):
+            total += torch.normal(mean=0, std=std, size=like.shape, device=like.device, generator=generator)
+        return total / 2
+    return torch.normal(mean=0, std=std, size=like.shape, device=like.device, generator=generator, dtype=like.dtype)
+
+
 class DPBenchOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer with a hook that adds a canary to the summed gradient before noise."""
+    """The engine's private step over Opacus' per-sample gradients: each place is the mechanism's method.
+
+    Physical chunks accumulate into the step's sum (the skipped ``step`` calls); the last chunk adds
+    the audit's canary, has the mechanism release the noisy sum and apply its update. Mechanisms see
+    this object as ``release`` in ``noise`` and ``update``: its ``params``, ``noise_multiplier``,
+    ``max_grad_norm`` (C), ``expected_batch_size`` (B), ``generator`` (the noise generator),
+    ``secure_mode`` and ``original_optimizer`` (the base optimizer).
+    """
 
     #: Set by the audit: returns per-parameter tensors to add to the sum, or None to add nothing.
     canary: Callable[[], list[torch.Tensor] | None] | None = None
 
-    def clip_and_accumulate(self) -> None:
-        """DP-SGD's clipping to C, with every contribution within C after float32 rounding.
+    def __init__(self, optimizer: torch.optim.Optimizer, *, mechanism: "Mechanism", **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.mechanism = mechanism
 
-        Opacus' own clipping computes the factor from a float32 norm (off by up to ~1e-3 relative on
-        large layers) and rounds it to nearest (up to 2x in the subnormal range); see ``norms.py``.
-        """
-        self.accumulate_weighted(lambda norms: torch.ones_like(norms), self.max_grad_norm)
-
-    # -- public helpers for mechanisms (instead of Opacus' private ones) ------------------------
+    # -- helpers (public, instead of Opacus' private ones) -------------------------------------
     def take_per_sample_gradients(self, masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """This chunk's per-sample gradients, one ``[n, *shape]`` tensor per parameter in its dtype; each chunk's
         once. ``masks`` (one per parameter, 0/1) are applied first, as a data-independent sparsification."""
@@ -121,7 +158,7 @@ class DPBenchOptimizer(DPOptimizer):
             p.summed_grad = c if p.summed_grad is None else p.summed_grad + c
 
     def take_sum(self) -> list[torch.Tensor]:
-        """The step's summed contributions (canary included), once, for a mechanism's own noise."""
+        """The step's summed contributions (canary included), once."""
         out = []
         for p in self.params:
             _check_processed_flag(p.summed_grad)
@@ -146,17 +183,44 @@ class DPBenchOptimizer(DPOptimizer):
         self.add_to_sum(contributions)
         return norms
 
-    def add_canary(self) -> None:
-        """Add the audit's canary (if any) to the summed gradient; subclasses' ``add_noise`` call this first."""
+    def gaussian(self, std: float, like: torch.Tensor) -> torch.Tensor:
+        """Gaussian noise from the run's noise generator (hardened in ``--secure`` mode)."""
+        return gaussian_noise(std, like, self.generator, self.secure_mode)
+
+    def mean_of(self, released: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The released sum divided by the expected batch size B (in place), as ``p.grad``."""
+        for p, r in zip(self.params, released):
+            p.grad = r.view_as(p)
+            p.grad /= self.expected_batch_size
+        return [p.grad for p in self.params]
+
+    # -- the step: Opacus' pre_step calls these in order ---------------------------------------
+    def clip_and_accumulate(self) -> None:
+        mech, clip = self.mechanism, self.max_grad_norm
+        if mech.per_sample is PerSample.NORMS:
+            self.accumulate_weighted(lambda norms: mech.per_sample_weights(norms, clip), mech.sensitivity(clip),
+                                     masks=mech.coordinate_masks())
+        else:
+            self.add_to_sum(mech.transform(self.take_per_sample_gradients(), clip))
+
+    def add_noise(self) -> None:
         if self.canary is not None:
             extra = self.canary()
             if extra is not None:
                 for p, c in zip(self.params, extra):
                     p.summed_grad.add_(c.to(p.summed_grad))
+        for p, released in zip(self.params, self.mechanism.noise(self.take_sum(), self)):
+            p.grad = released.view_as(p)
 
-    def add_noise(self) -> None:
-        self.add_canary()
-        super().add_noise()
+    def scale_grad(self) -> None:
+        """Nothing here: the mechanism's ``update`` decides how the release is applied."""
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if self.pre_step():
+            self.mechanism.update([p.grad for p in self.params], self)
 
 
 class Mechanism:
@@ -176,7 +240,10 @@ class Mechanism:
     #: This mechanism's own recipes, keyed by dataset or (dataset, model), each with its source; anything
     #: not here comes from the shared defaults (``dpbench.recipes``), DP-SGD's published rows.
     recipes: ClassVar[Mapping[RecipeKey, Recipe]] = {}
-    optimizer_class: ClassVar[type[DPBenchOptimizer]] = DPBenchOptimizer
+    #: What the per-sample transform sees: gradient norms only (the default), or whole gradients.
+    per_sample: ClassVar[PerSample] = PerSample.NORMS
+    #: Attributes that ``setup`` rebuilds and checkpoints need not carry (caches, large derived tables).
+    transient: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         self.params = self.resolve_params(params)
@@ -220,28 +287,65 @@ class Mechanism:
         return UniformWithReplacementSampler(num_samples=num_samples, sample_rate=q,
                                              generator=generator, steps=steps)
 
-    # -- 2-4. transform, noise and update ----------------------------------------------------
+    # -- 2. per-sample transform --------------------------------------------------------------
+    def per_sample_weights(self, norms: torch.Tensor, clip: float) -> torch.Tensor:
+        """``PerSample.NORMS``: float64 weights from float64 per-sample norms; 1 = clip to the sensitivity."""
+        return torch.ones_like(norms)
+
+    def coordinate_masks(self) -> list[torch.Tensor] | None:
+        """``PerSample.NORMS``: data-independent 0/1 masks, one per parameter, applied before the norms."""
+        return None
+
+    def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+        """``PerSample.GRADIENTS``: one chunk's per-sample gradients -> its summed contribution per parameter."""
+        raise NotImplementedError(f"{self.name} declares per_sample = GRADIENTS but has no transform")
+
+    # -- 3. noise --------------------------------------------------------------------------------
+    def noise(self, summed: list[torch.Tensor], release: DPBenchOptimizer) -> list[torch.Tensor]:
+        """The released sum: Gaussian noise of std ``noise_multiplier * sensitivity(C)`` on every coordinate."""
+        std = release.noise_multiplier * self.sensitivity(release.max_grad_norm)
+        return [s + release.gaussian(std, s) for s in summed]
+
+    # -- 4. update -------------------------------------------------------------------------------
+    def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
+        """Apply the released sum: its mean over the expected batch size, then the base optimizer's step."""
+        release.mean_of(released)
+        release.original_optimizer.step()
+
     def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                        max_grad_norm: float, expected_batch_size: int,
                        generator: torch.Generator | None) -> torch.optim.Optimizer:
-        """Wrap the base optimizer; the result's ``step`` runs places 2-4."""
-        return self.optimizer_class(optimizer, noise_multiplier=noise_multiplier,
-                                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                    loss_reduction="mean", generator=generator)
+        """The engine's step object over ``optimizer`` for this mechanism (used by the loop, not overridden)."""
+        return DPBenchOptimizer(optimizer, mechanism=self, noise_multiplier=noise_multiplier,
+                                max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                loss_reduction="mean", generator=generator)
 
+    # -- hooks -----------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
         """Called once after the optimizer is built and before the first step."""
 
     def begin_step(self, ctx: TrainContext, step: int) -> None:
         """Called before each logical step (e.g. to redraw a mask, release a norm sum, move a schedule)."""
 
+    # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Non-secret state a checkpoint must carry (generators made by ``ctx.make_generator`` are saved
-        by the loop, and only in reproducible mode)."""
-        return {}
+        """Everything the mechanism keeps on itself, for a checkpoint: not its parameters, not generators
+        (the loop saves those, and only in reproducible mode), not ``transient`` attributes."""
+        skip = {"params", *self.transient}
+        state = {}
+        for key, value in vars(self).items():
+            if key in skip or isinstance(value, torch.Generator):
+                continue
+            if _holds_generator(value):
+                raise TypeError(f"mechanism {self.name!r}: attribute {key!r} holds a generator; keep generators "
+                                f"in attributes of their own (the loop saves them) or list {key!r} in transient")
+            state[key] = copy.deepcopy(value)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+        for key, value in state.items():
+            setattr(self, key, value)
 
     # -- what the accountant assumes (the conformance checks hold the mechanism to it) ---------
     def sensitivity(self, clip: float) -> float:
@@ -262,3 +366,18 @@ class Mechanism:
     @classmethod
     def describe_params(cls) -> str:
         return ", ".join(f"{p.name}={p.default}" for p in cls.param_specs)
+
+
+def _holds_generator(value: Any, depth: int = 0) -> bool:
+    """Whether a generator hides inside ``value`` (containers and plain objects, a few levels deep)."""
+    if isinstance(value, torch.Generator):
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_generator(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set)):
+        return any(_holds_generator(v, depth + 1) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, type)):
+        return any(_holds_generator(v, depth + 1) for v in vars(value).values())
+    return False

@@ -113,63 +113,6 @@ def clipped_norms(ctx: TrainContext, indices: torch.Tensor, clip: float) -> torc
     return torch.cat(out).clamp(max=clip)
 
 
-class ImportanceSampledOptimizer(DPBenchOptimizer):
-    """Keeps candidates with probability proportional to their clipped norm, weights them to norm K^/B,
-    adds noise of std sigma_G K^/B and divides by N (spec §1.3 steps 5-8)."""
-
-    #: Set by ``DPIS.begin_step`` before every step.
-    k_hat: float = float("nan")
-    batch_size: int = 1
-    num_samples: int = 1
-    candidate_rate: float = 1.0
-    #: Public factor on the update (``--clip / C_t`` under ``normalise_step``), set with k_hat.
-    step_scale: float = 1.0
-    draw_generator: torch.Generator | None = None
-    #: Records kept so far in the current step (summed over physical chunks).
-    drawn: int = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: Records kept in each completed step, for diagnostics and tests.
-        self.drawn_per_step: list[int] = []
-
-    @property
-    def term_norm(self) -> float:
-        """Norm of every kept record's weighted term, and so the sensitivity of the sum: K^/B."""
-        return self.k_hat / self.batch_size
-
-    def clip_and_accumulate(self) -> None:
-        if not math.isfinite(self.k_hat) or self.k_hat <= 0:
-            raise RuntimeError("DPIS step without a released normaliser (begin_step was not called)")
-        def weights(norms: torch.Tensor) -> torch.Tensor:
-            clipped = norms.clamp(max=self.max_grad_norm)
-            prob = inclusion_probabilities(clipped, self.k_hat, self.batch_size, self.candidate_rate)
-            uniform = torch.rand(len(norms), generator=self.draw_generator, device=norms.device, dtype=norms.dtype)
-            kept = uniform < prob  # n_i = 0 gives prob 0: never kept
-            self.drawn += int(kept.sum())
-            # clip(g_i) / (B n_i / K^) = (K^/B) g_i / ||g_i||; the guard keeps unkept zero-norm rows finite.
-            return torch.where(kept, self.term_norm / norms.clamp(min=torch.finfo(norms.dtype).tiny),
-                               torch.zeros_like(norms))
-
-        self.accumulate_weighted(weights, self.term_norm)
-
-    def add_noise(self) -> None:
-        # Opacus draws N(0, (noise_multiplier * max_grad_norm)^2); this step's sensitivity is K^/B, not C.
-        clip = self.max_grad_norm
-        self.max_grad_norm = self.term_norm
-        try:
-            super().add_noise()
-        finally:
-            self.max_grad_norm = clip
-
-    def scale_grad(self) -> None:
-        # Unbiased for (1/N) sum_i clip(g_i): divide by N, never by the realised batch size.
-        for p in self.params:
-            p.grad *= self.step_scale / self.num_samples
-        self.drawn_per_step.append(self.drawn)
-        self.drawn = 0
-
-
 @MECHANISMS.register("dpis")
 class DPIS(Mechanism):
     """DPIS-core (our reconstruction of DPIS, Wei et al. CCS 2022): norm-proportional Poisson sampling."""
@@ -180,7 +123,6 @@ class DPIS(Mechanism):
     prv_applies = False
     caveat = ("reconstruction 'DPIS-core' of specs/dpis.md (paper body not available): mechanism, two-stage "
               "sampling and accountant are ours, not the paper's")
-    optimizer_class = ImportanceSampledOptimizer
     recipes = {
         # The T&B DP-SGD rows (batch, epochs, momentum 0.9, initial C 0.1): the paper's own C, lr and epochs
         # were not available. Adaptive clipping with the normalised step (both on by default) takes about half
@@ -222,7 +164,13 @@ class DPIS(Mechanism):
                            "add --set adaptive_clip=false")
         if p["q_cap"] != AUTO and p["candidate_rate"] != AUTO and p["q_cap"] > p["candidate_rate"]:
             raise BadInput(f"--set q_cap={p['q_cap']} exceeds candidate_rate={p['candidate_rate']}")
-        self._optimizer: ImportanceSampledOptimizer | None = None
+        #: This step's released normaliser K^ (set by ``begin_step``), and what the step needs with it.
+        self.k_hat = float("nan")
+        self.batch_size, self.num_samples, self.candidate_rate = 1, 1, 1.0
+        #: Public factor on the update (``--clip / C_t`` under ``normalise_step``), set with k_hat.
+        self.step_scale = 1.0
+        #: Records kept so far in the current step (over its physical chunks), and in each completed step.
+        self.drawn, self.drawn_per_step = 0, []
         self._rates: DPISRates | None = None
         self._sigma_k = float("inf")
         self._clip = self._base_clip = float("nan")
@@ -263,26 +211,48 @@ class DPIS(Mechanism):
 
     # -- hooks ----------------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
-        opt = ctx.optimizer
-        if not isinstance(opt, ImportanceSampledOptimizer):
-            raise TypeError("DPIS needs its own optimizer (make_optimizer)")
         self._rates = self.rates(ctx.sample_rate)
         self._sigma_k = self.sigma_k(ctx.noise_multiplier, ctx.sample_rate)
-        self._optimizer = opt
-        n = len(ctx.train_y)
-        opt.batch_size = ctx.cfg.batch_size
-        opt.num_samples = n
-        opt.candidate_rate = self._rates.candidate_rate
+        self.batch_size = ctx.cfg.batch_size
+        self.num_samples = len(ctx.train_y)
+        self.candidate_rate = self._rates.candidate_rate
         # Separate generators: the draw, the normaliser sample and its noise must be independent of each other.
-        opt.draw_generator = ctx.make_generator("dpis-draw")
+        self._draw_generator = ctx.make_generator("dpis-draw")
         if not math.isinf(self._sigma_k):
             if self._rates.norm_rate < 1.0:
                 self._norm_sample_gen = ctx.make_generator("dpis-normaliser-sample")
             self._norm_noise_gen = ctx.make_generator("dpis-normaliser-noise")
-        self._clip = self._base_clip = float(ctx.cfg.clip)
-        opt.max_grad_norm = self._clip
-        opt.drawn, opt.drawn_per_step = 0, []
+        self._clip = self._base_clip = self.current_clip = float(ctx.cfg.clip)
+        self.drawn, self.drawn_per_step = 0, []
         self.trace = []
+
+    @property
+    def term_norm(self) -> float:
+        """Norm of every kept record's weighted term, and so the sensitivity of the sum: K^/B."""
+        return self.k_hat / self.batch_size
+
+    # -- 2. the draw: keep candidates with probability proportional to their clipped norm ----------------
+    def per_sample_weights(self, norms: torch.Tensor, clip: float) -> torch.Tensor:
+        """Keep candidate i w.p. ``B n_i / (candidate_rate K^)``, weighted to a term of norm K^/B (spec §1.3)."""
+        if not math.isfinite(self.k_hat) or self.k_hat <= 0:
+            raise RuntimeError("DPIS step without a released normaliser (begin_step was not called)")
+        clipped = norms.clamp(max=self.current_clip)  # this step's C_t, not the run's --clip
+        prob = inclusion_probabilities(clipped, self.k_hat, self.batch_size, self.candidate_rate)
+        uniform = torch.rand(len(norms), generator=self._draw_generator, device=norms.device, dtype=norms.dtype)
+        kept = uniform < prob  # n_i = 0 gives prob 0: never kept
+        self.drawn += int(kept.sum())
+        # clip(g_i) / (B n_i / K^) = (K^/B) g_i / ||g_i||; the guard keeps unkept zero-norm rows finite.
+        return torch.where(kept, self.term_norm / norms.clamp(min=torch.finfo(norms.dtype).tiny),
+                           torch.zeros_like(norms))
+
+    # -- 4. update: unbiased for (1/N) sum_i clip(g_i): divide by N, never by the realised batch size ----
+    def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
+        for p, r in zip(release.params, released):
+            p.grad = r.view_as(p)
+            p.grad *= self.step_scale / self.num_samples
+        self.drawn_per_step.append(self.drawn)
+        self.drawn = 0
+        release.original_optimizer.step()
 
     def floor(self, clip: float, batch_size: int) -> float:
         """K_floor = B C / q_cap: keeps every overall inclusion probability at most q_cap."""
@@ -303,35 +273,31 @@ class DPIS(Mechanism):
         return (total + self._sigma_k * clip * noise) / self._rates.norm_rate
 
     def begin_step(self, ctx: TrainContext, step: int) -> None:
-        opt = self._optimizer
         k_tilde = self.release_normaliser(ctx, self._clip)
-        floor = self.floor(self._clip, opt.batch_size)
-        opt.k_hat = floor if k_tilde is None else max(k_tilde, floor)
-        opt.max_grad_norm = self._clip
+        floor = self.floor(self._clip, self.batch_size)
+        self.k_hat = floor if k_tilde is None else max(k_tilde, floor)
+        self.current_clip = self._clip  # the step clips at C_t; the rule below sets C_{t+1}
         # C_t is a function of released values, so rescaling by it is post-processing.
-        opt.step_scale = self._base_clip / self._clip if self.params["normalise_step"] else 1.0
-        self.trace.append({"step": step, "clip": self._clip, "k_tilde": k_tilde, "k_hat": opt.k_hat})
+        self.step_scale = self._base_clip / self._clip if self.params["normalise_step"] else 1.0
+        self.trace.append({"step": step, "clip": self._clip, "k_tilde": k_tilde, "k_hat": self.k_hat})
         if self.params["adaptive_clip"] and k_tilde is not None:
             # The C at which the floor equals the released K~ (released values only: post-processing).
-            target = k_tilde * self._rates.q_cap / opt.batch_size
+            target = k_tilde * self._rates.q_cap / self.batch_size
             target = min(max(target, self._clip / MAX_CLIP_CHANGE), self._clip * MAX_CLIP_CHANGE)
             self._clip = max(target, MIN_CLIP_FRACTION * self._base_clip)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"clip": self._clip}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._clip = float(state["clip"])
+        if "clip" in state and "_clip" not in state:  # a checkpoint of an earlier dpbench kept C_t alone
+            state = {"_clip": float(state["clip"])}
+        super().load_state_dict(state)
 
     # -- the audit's worst-case record ------------------------------------------------------------------
     def sensitivity(self, clip: float) -> float:
         """A kept record adds a term of norm K^/B, the current step's (``clip`` before the first step)."""
-        opt = self._optimizer
-        return opt.term_norm if opt is not None and math.isfinite(opt.k_hat) else clip
+        return self.term_norm if math.isfinite(self.k_hat) else clip
 
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
         """A record with n' = C, when kept, adds a term of norm K^/B (the current step's), entering w.p. q_cap."""
-        opt = self._optimizer
-        scale = opt.term_norm if opt is not None and math.isfinite(opt.k_hat) else clip
+        scale = self.term_norm if math.isfinite(self.k_hat) else clip
         norm = math.sqrt(sum(float(d.pow(2).sum()) for d in direction))
         return [d * (scale / norm) for d in direction]

@@ -36,8 +36,8 @@ import torch
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
-from dpbench.privacy.ged import CodebookSpec, GEDAccountant, NoiseFamily, load_codebook, make_family
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, PerSample, TrainContext
+from dpbench.privacy.ged import CodebookSpec, GEDAccountant, load_codebook, make_family
 from dpbench.privacy.rdp import INTEGER_ORDERS
 from dpbench.recipes import Recipe
 
@@ -139,69 +139,6 @@ def lr_factor(schedule: str, epoch: int) -> float:
     return MNIST_LR_FACTORS[-1][1]
 
 
-class GEDOptimizer(DPBenchOptimizer):
-    """Encode per-sample gradients, add the family's noise to every coordinate, denoise the average."""
-
-    encoder: GEDEncoder
-    family: NoiseFamily
-    quant_clip: float = 1.0
-    denoiser: Any = None
-    #: Fresh public noise for the denoiser's reference sample; set by ``GED.setup``.
-    reference_generator: torch.Generator | None = None
-    debug: bool = False
-
-    def _init_ged(self) -> None:
-        #: (multiplier, delta_hat) of every step: functions of released values only.
-        self.denoise_history: list[tuple[float, float]] = []
-        #: debug mode only: statistics against the clean encoded sum; never used by training.
-        self.diagnostics: list[dict[str, float]] = []
-        self._clean_sum: torch.Tensor | None = None
-
-    def _flat(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in tensors])
-
-    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [piece.view_as(p) for piece, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
-
-    def clip_and_accumulate(self) -> None:
-        # one row per example; reshape(len(g), -1) would be ambiguous for an empty batch
-        per_sample = [g.reshape(len(g), p.numel()) for p, g in zip(self.params, self.take_per_sample_gradients())]
-        summed = self.encoder(torch.cat(per_sample, dim=1)).sum(dim=0)  # one example per encoded vector
-        self.add_to_sum([part.clone() for part in self._split(summed)])
-
-    def _noise_generator(self) -> torch.Generator:
-        if self.generator is None:  # Opacus' default is the global RNG; ours is always a dedicated one
-            self.generator = torch.Generator(device=self.params[0].device).manual_seed(secrets.randbits(63))
-        return self.generator
-
-    def add_noise(self) -> None:
-        self.add_canary()
-        clean = self._flat(self.take_sum())
-        if self.debug:
-            self._clean_sum = clean.detach().clone()
-        noise = self.family.sample((clean.numel(),), self.noise_multiplier * self.quant_clip,
-                                   self._noise_generator(), dtype=clean.dtype)
-        for p, part in zip(self.params, self._split(clean + noise)):  # noise on ALL d coordinates
-            p.grad = part.clone()
-
-    def scale_grad(self) -> None:
-        super().scale_grad()  # / B: the released average
-        noisy = self._flat(p.grad for p in self.params)
-        generator = self.reference_generator or self._noise_generator()
-        reference = self.family.sample((noisy.numel(),), self.noise_multiplier * self.quant_clip, generator,
-                                       dtype=noisy.dtype) / self.expected_batch_size
-        multiplier, delta_hat = self.denoiser(noisy.detach(), reference)
-        self.denoise_history.append((multiplier, delta_hat))
-        for p in self.params:
-            p.grad.mul_(multiplier)
-        if self.debug and self._clean_sum is not None:
-            clean = self._clean_sum / self.expected_batch_size
-            cos = float(torch.nn.functional.cosine_similarity(clean, noisy, dim=0))
-            self.diagnostics.append({"cos_clean_noisy": cos, "clean_norm": float(clean.norm()),
-                                     "multiplier": multiplier, "delta_hat": delta_hat})
-            self._clean_sum = None
-
-
 @MECHANISMS.register("ged")
 class GED(Mechanism):
     """GED (Nasr et al. 2020): top-k codebook encoding, Student-t noise, KS denoising; accounting reconstructed."""
@@ -212,7 +149,9 @@ class GED(Mechanism):
     prv_applies = False
     caveat = ("GED accountant (our reconstruction, Zhu-Wang subsampled RDP over codebook rows; the paper's "
               "theorem not checked); the forward-only exact eps and the Gaussian-equivalent z_eq are beside it")
-    optimizer_class = GEDOptimizer
+    per_sample = PerSample.GRADIENTS  # the top-k encoding needs each whole gradient
+    #: Rebuilt by ``setup`` (or from the parameters): never copied into a checkpoint.
+    transient = ("encoder", "denoiser", "family", "_accountant", "_clean_sum")
     recipes = {
         # Official code srxzr/DPtorch MNIST.py and README: batch 256, 100 epochs, lr 0.2 with its per-epoch
         # schedule (lr_schedule=mnist), C 1, no momentum; the encoding, noise and denoising parameters are
@@ -257,9 +196,18 @@ class GED(Mechanism):
         self.codebook_spec = CodebookSpec(rows=p["codebook_rows"], k=p["k"], quant_clip=p["quant_clip"],
                                           seed=p["codebook_seed"])
         self._accountant: GEDAccountant | None = None
-        self._optimizer: GEDOptimizer | None = None
         self._base_lrs: list[float] = []
         self._steps_per_epoch = 1
+        self.encoder: GEDEncoder | None = None
+        self.denoiser = DENOISERS[p["denoiser"]](p)
+        self.noise_multiplier = 1.0
+        self._reference_generator: torch.Generator | None = None
+        self._own_noise_generator: torch.Generator | None = None
+        #: (multiplier, delta_hat) of every step: functions of released values only.
+        self.denoise_history: list[tuple[float, float]] = []
+        #: debug mode only: statistics against the clean encoded sum; never used by training.
+        self.diagnostics: list[dict[str, float]] = []
+        self._clean_sum: torch.Tensor | None = None
 
     # -- accounting ---------------------------------------------------------------------------------
     @property
@@ -285,44 +233,71 @@ class GED(Mechanism):
         return out
 
     # -- transform, noise and update ------------------------------------------------------------------
-    def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                       max_grad_norm: float, expected_batch_size: int,
-                       generator: torch.Generator | None) -> torch.optim.Optimizer:
-        opt = super().make_optimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, generator=generator)
-        device = opt.params[0].device if opt.params else torch.device("cpu")
-        opt.encoder = GEDEncoder(float32_below(self.codebook).to(device), self.params["k"], max_grad_norm,
-                                 self.params["kappa"])
-        opt.family = self.family
-        opt.quant_clip = self.params["quant_clip"]
-        opt.denoiser = DENOISERS[self.params["denoiser"]](self.params)
-        opt.debug = self.params["debug"]
-        opt._init_ged()
-        self._optimizer = opt
-        return opt
-
     def setup(self, ctx: TrainContext) -> None:
         if self.params["debug"] and ctx.cfg.secure:
             raise BadInput("--set debug=true is not allowed with --secure (it keeps statistics of the clean gradient)")
-        ctx.optimizer.reference_generator = ctx.make_generator("ged-denoise-reference")
-        self._optimizer = ctx.optimizer
+        self._reference_generator = ctx.make_generator("ged-denoise-reference")
         self._base_lrs = [float(g["lr"]) for g in ctx.optimizer.param_groups]
         self._steps_per_epoch = max(1, round(1.0 / ctx.sample_rate))
+        self.noise_multiplier = ctx.noise_multiplier
+
+    def _encoder(self, clip: float, device: torch.device) -> GEDEncoder:
+        if self.encoder is None or self.encoder.clip != clip:
+            self.encoder = GEDEncoder(float32_below(self.codebook).to(device), self.params["k"], clip,
+                                      self.params["kappa"])
+        return self.encoder
+
+    @staticmethod
+    def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+        return [piece.view(shape).clone() for piece, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
+
+    def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+        """Encode each example's flattened gradient (spec §1.2) and sum: one example per encoded vector."""
+        shapes = [g.shape[1:] for g in grads]
+        # one row per example; reshape(len(g), -1) would be ambiguous for an empty batch
+        flat = torch.cat([g.reshape(len(g), math.prod(shape)) for g, shape in zip(grads, shapes)], dim=1)
+        return self._split(self._encoder(clip, flat.device)(flat).sum(dim=0), shapes)
+
+    def _noise_generator(self, release: DPBenchOptimizer) -> torch.Generator:
+        if release.generator is not None:
+            return release.generator
+        if self._own_noise_generator is None:  # Opacus' default is the global RNG; ours is always a dedicated one
+            self._own_noise_generator = torch.Generator(device=release.params[0].device).manual_seed(secrets.randbits(63))
+        return self._own_noise_generator
+
+    def noise(self, summed: list[torch.Tensor], release: DPBenchOptimizer) -> list[torch.Tensor]:
+        """The family's noise of scale s Q on ALL d coordinates, not only the encoded ones."""
+        clean = torch.cat([t.reshape(-1) for t in summed])
+        if self.params["debug"]:
+            self._clean_sum = clean.detach().clone()
+        noise = self.family.sample((clean.numel(),), release.noise_multiplier * self.params["quant_clip"],
+                                   self._noise_generator(release), dtype=clean.dtype)
+        return self._split(clean + noise, [t.shape for t in summed])
+
+    def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
+        """Denoise (post-processing): scale the mean noisy update by the KS multiplier, then the base step."""
+        grads = release.mean_of(released)  # / B: the released average
+        noisy = torch.cat([g.reshape(-1) for g in grads])
+        generator = self._reference_generator or self._noise_generator(release)
+        reference = self.family.sample((noisy.numel(),), release.noise_multiplier * self.params["quant_clip"],
+                                       generator, dtype=noisy.dtype) / release.expected_batch_size
+        multiplier, delta_hat = self.denoiser(noisy.detach(), reference)
+        self.denoise_history.append((multiplier, delta_hat))
+        for g in grads:
+            g.mul_(multiplier)
+        if self.params["debug"] and self._clean_sum is not None:
+            clean = self._clean_sum / release.expected_batch_size
+            cos = float(torch.nn.functional.cosine_similarity(clean, noisy, dim=0))
+            self.diagnostics.append({"cos_clean_noisy": cos, "clean_norm": float(clean.norm()),
+                                     "multiplier": multiplier, "delta_hat": delta_hat})
+            self._clean_sum = None
+        release.original_optimizer.step()
 
     def begin_step(self, ctx: TrainContext, step: int) -> None:
         factor = lr_factor(self.params["lr_schedule"], step // self._steps_per_epoch)
         for group, base in zip(ctx.optimizer.param_groups, self._base_lrs):
             group["lr"] = base * factor
 
-    def state_dict(self) -> dict[str, Any]:
-        opt = self._optimizer
-        return {"denoise_history": list(opt.denoise_history)} if opt is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self._optimizer is not None and "denoise_history" in state:
-            self._optimizer.denoise_history = list(state["denoise_history"])
-
-    # -- the audit's worst-case record ------------------------------------------------------------------
     def sensitivity(self, clip: float) -> float:
         """Q: every encoded vector lies under a codebook row of norm at most Q, whatever C is."""
         return float(self.params["quant_clip"])
@@ -338,7 +313,7 @@ class GED(Mechanism):
         """
         flat = torch.cat([d.reshape(-1) for d in direction])
         k = min(self.params["k"], flat.numel())
-        scale = self._optimizer.noise_multiplier if self._optimizer is not None else 1.0
+        scale = self.noise_multiplier
         per_row = self.ged_accountant.row_log_moments(scale if scale > 0 else 1.0)
         worst = int(np.argmax(per_row.sum(axis=1)))  # rows are near-identical; any is a valid worst case
         row = float32_below(self.codebook[worst, :k]).to(flat)

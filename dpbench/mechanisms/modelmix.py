@@ -35,7 +35,7 @@ from opacus import GradSampleModule
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, PerSample, TrainContext
 from dpbench.mechanisms.norms import bounded_factors, per_sample_norms, round_toward_zero
 from dpbench.privacy.modelmix import modelmix_rdp, rho
 from dpbench.privacy.rdp import INTEGER_ORDERS
@@ -95,46 +95,6 @@ class StateMixer:
             param.copy_(mixed - lr * param.grad.to(torch.float64))
 
 
-class ModelMixOptimizer(DPBenchOptimizer):
-    """l2 + l-infinity clipping, Opacus' Gaussian noise on the sum, then the ModelMix update."""
-
-    #: C / sqrt(p); set by ``ModelMix.make_optimizer``.
-    coordinate_bound: float = math.inf
-    #: Set by ``ModelMix.setup``.
-    mixer: StateMixer | None = None
-
-    def clip_and_accumulate(self) -> None:
-        """Algorithm 2: scale each sample to l2 norm at most C, then cap every coordinate at C/sqrt(p)."""
-        grad_samples = self.take_per_sample_gradients()
-        norms = per_sample_norms(grad_samples)
-        sums = []
-        for p, grad_sample in zip(self.params, grad_samples):
-            # the l2 factor stays within C after float32 rounding (norms.py); the l-inf cap only lowers it
-            factor = bounded_factors(torch.ones_like(norms), norms, self.max_grad_norm, p.dtype)
-            scale = factor.to(grad_sample.device).view(-1, *([1] * (grad_sample.dim() - 1)))
-            # the cap in the gradients' dtype, rounded down: float32(0.1) is above 0.1
-            cap = float(round_toward_zero(torch.tensor([self.coordinate_bound], dtype=torch.float64), p.dtype))
-            sums.append((grad_sample * scale).clamp(-cap, cap).sum(dim=0))
-        self.add_to_sum(sums)
-
-    def step(self, closure=None):  # noqa: ANN001 (torch's optimizer signature)
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
-        if not self.pre_step():
-            return None
-        if self.mixer is None:
-            raise RuntimeError("ModelMixOptimizer.step before ModelMix.setup attached a mixer")
-        params, lrs = [], []
-        for group in self.original_optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    params.append(p)
-                    lrs.append(float(group["lr"]))
-        self.mixer.update(params, lrs)
-        return None
-
-
 @MECHANISMS.register("modelmix")
 class ModelMix(Mechanism):
     """ModelMix with l2 + l-infinity clipping and its RDP accountant (our reconstruction, not verified)."""
@@ -151,7 +111,7 @@ class ModelMix(Mechanism):
         Param("gamma", float, 0.005, "mixing gap tau = gamma * lr in the first half of the steps"),
         Param("gamma_decay", float, 0.5, "gamma is multiplied by this for the second half of the steps"),
     )
-    optimizer_class = ModelMixOptimizer
+    per_sample = PerSample.GRADIENTS  # the l-infinity cap acts on single coordinates
     recipes = {
         # Xiao et al. 2022, App. E, small-model rows (C 1, lr 0.4, gamma 0.05): plain SGD (the analysis does not
         # cover a momentum buffer), batch and epochs of the T&B rows. On an MNIST validation split (train on
@@ -209,13 +169,32 @@ class ModelMix(Mechanism):
                                             self.params["p"], INTEGER_ORDERS)
 
     # -- clipping, noise and update ---------------------------------------------------------------
-    def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                       max_grad_norm: float, expected_batch_size: int,
-                       generator: torch.Generator | None) -> torch.optim.Optimizer:
-        wrapped = super().make_optimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                         expected_batch_size=expected_batch_size, generator=generator)
-        wrapped.coordinate_bound = max_grad_norm / math.sqrt(self.params["p"])
-        return wrapped
+    def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
+        """Algorithm 2: scale each sample to l2 norm at most C, then cap every coordinate at C/sqrt(p)."""
+        norms = per_sample_norms(grads)
+        sums = []
+        for grad_sample in grads:
+            # the l2 factor stays within C after float32 rounding (norms.py); the l-inf cap only lowers it
+            factor = bounded_factors(torch.ones_like(norms), norms, clip, grad_sample.dtype)
+            scale = factor.to(grad_sample.device).view(-1, *([1] * (grad_sample.dim() - 1)))
+            # the cap in the gradients' dtype, rounded down: float32(0.1) is above 0.1
+            bound = torch.tensor([clip / math.sqrt(self.params["p"])], dtype=torch.float64)
+            cap = float(round_toward_zero(bound, grad_sample.dtype))
+            sums.append((grad_sample * scale).clamp(-cap, cap).sum(dim=0))
+        return sums
+
+    def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
+        """The mean noisy gradient, then the mixed update instead of the base optimizer's step."""
+        if self.mixer is None:
+            raise RuntimeError("modelmix's update before its setup made the mixer")
+        release.mean_of(released)
+        params, lrs = [], []
+        for group in release.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    params.append(p)
+                    lrs.append(float(group["lr"]))
+        self.mixer.update(params, lrs)
 
     def setup(self, ctx: TrainContext) -> None:
         cfg = ctx.cfg
@@ -229,7 +208,6 @@ class ModelMix(Mechanism):
             raise RuntimeError(f"modelmix was accounted with B={self.batch_size}, C={self.clip} "
                                f"but trains with B={cfg.batch_size}, C={cfg.clip}")
         self.mixer = StateMixer(self._second_initialisation(ctx), ctx.make_generator("mixing"))
-        ctx.optimizer.mixer = self.mixer
 
     def _second_initialisation(self, ctx: TrainContext) -> list[torch.Tensor]:
         """``w_{-1}``: a fresh initialisation of the same architecture from its own generator."""
@@ -246,7 +224,7 @@ class ModelMix(Mechanism):
         return [b.detach().to(device=a.device, dtype=a.dtype).clone() for a, b in pairs if a.requires_grad]
 
     def begin_step(self, ctx: TrainContext, step: int) -> None:
-        ctx.optimizer.mixer.gamma = self.gamma_at(step, ctx.steps)
+        self.mixer.gamma = self.gamma_at(step, ctx.steps)
 
     def state_dict(self) -> dict[str, Any]:
         """The previous state ``w_{k-2}`` only: it is public; the mixing weights are never kept."""

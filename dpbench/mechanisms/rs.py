@@ -63,51 +63,14 @@ def draw_keep_mask(shapes: list[torch.Size], rate: float, generator: torch.Gener
     return [part.view(shape) for part, shape in zip(keep.split(sizes), shapes)]
 
 
-class SparsifiedOptimizer(DPBenchOptimizer):
-    """DPOptimizer that masks per-sample gradients before clipping and noise after adding it."""
-
-    #: One keep-mask per parameter (1 kept, 0 dropped), or None for dense DP-SGD.
-    keep_masks: list[torch.Tensor] | None = None
-    #: Zero the base optimizer's momentum on dropped coordinates before each update.
-    mask_momentum: bool = False
-
-    def set_drop_rate(self, rate: float, generator: torch.Generator) -> int:
-        """Redraw the mask at this dropped fraction; returns the number of dropped coordinates."""
-        masks = draw_keep_mask([p.shape for p in self.params], rate, generator)
-        self.keep_masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(masks, self.params)]
-        return sum(int((m == 0).sum()) for m in self.keep_masks)
-
-    def clip_and_accumulate(self) -> None:
-        # Masking first means the clip factor uses the norm of the sparsified gradient (spec 4.1).
-        self.accumulate_weighted(lambda norms: torch.ones_like(norms), self.max_grad_norm, masks=self.keep_masks)
-
-    def add_noise(self) -> None:
-        # Full-size noise keeps the random stream identical to DP-SGD's; zeroing it on the dropped
-        # coordinates is "noise only on kept coordinates". The sum (and any canary) is already zero there
-        # for a real record, so masking the whole release changes nothing else.
-        super().add_noise()
-        if self.keep_masks is not None:
-            for p, keep in zip(self.params, self.keep_masks):
-                p.grad.mul_(keep)
-
-    def scale_grad(self) -> None:
-        super().scale_grad()
-        if self.mask_momentum and self.keep_masks is not None:
-            # Acts on buffers of already privatised gradients: post-processing, eps unchanged.
-            for p, keep in zip(self.params, self.keep_masks):
-                state = self.original_optimizer.state.get(p, {})
-                for key in ("momentum_buffer", "exp_avg"):  # SGD's, Adam's first moment
-                    if state.get(key) is not None:
-                        state[key].mul_(keep)
-
-
 @MECHANISMS.register("rs")
 class RandomSparsification(Mechanism):
     """RS (Zhu & Blaschko, TMLR 2023): DP-SGD on a random, data-independent, gradually growing sparse support."""
 
     name = "rs"
     summary = "Random sparsification (Zhu & Blaschko 2023): shared random mask, clip on the masked norm"
-    optimizer_class = SparsifiedOptimizer
+    #: The parameters, for the mask's shapes; the model's own, so never copied into a checkpoint.
+    transient = ("_params",)
     recipes = {
         # The T&B DP-SGD rows unchanged (C 0.1, momentum 0.9, as the official README's refresh run; the buffer
         # is not masked, as in the official code), so that rs against dpsgd isolates the sparsification;
@@ -130,51 +93,68 @@ class RandomSparsification(Mechanism):
         if self.params["refresh"] < 1:
             raise BadInput(f"--set refresh={self.params['refresh']}: must be >= 1")
         self._generator: torch.Generator | None = None
+        self._params: list[torch.Tensor] = []
         self._chunks = 1
         self._chunk: int | None = None
-        self._optimizer: SparsifiedOptimizer | None = None
+        #: One keep-mask per parameter (1 kept, 0 dropped), or None before the first draw. Not secret: the
+        #: dropped coordinates are exact zeros in every update, so it is kept in --secure checkpoints too.
+        self.keep_masks: list[torch.Tensor] | None = None
         #: (step, drop rate, dropped count) at every redraw, for reports and tests.
         self.mask_history: list[tuple[int, float, int]] = []
 
     def setup(self, ctx: TrainContext) -> None:
         # Its own generator, derived from the seed only: the mask must never depend on the data.
         self._generator = ctx.make_generator("rs-mask")
+        self._params = list(ctx.optimizer.params)
         steps_per_epoch = max(1, round(1.0 / ctx.sample_rate))
         self._chunks = mask_chunks(ctx.steps, steps_per_epoch, self.params["refresh"])
         self._chunk = None
-        self._optimizer = ctx.optimizer
+        self.keep_masks = None
         self.mask_history = []
 
-    def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                       max_grad_norm: float, expected_batch_size: int,
-                       generator: torch.Generator | None) -> torch.optim.Optimizer:
-        opt = super().make_optimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, generator=generator)
-        opt.mask_momentum = self.params["mask_momentum"]
-        return opt
+    def set_drop_rate(self, rate: float, params: list[torch.Tensor], generator: torch.Generator) -> int:
+        """Redraw the mask over ``params`` at this dropped fraction; returns the number of dropped coordinates."""
+        masks = draw_keep_mask([p.shape for p in params], rate, generator)
+        self.keep_masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(masks, params)]
+        return sum(int((m == 0).sum()) for m in self.keep_masks)
 
     def begin_step(self, ctx: TrainContext, step: int) -> None:
         chunk = chunk_of_step(step, ctx.steps, self._chunks)
-        if chunk != self._chunk:
+        if chunk != self._chunk:  # a resumed run keeps the mask in force (it is in the checkpoint)
             rate = drop_rate(chunk, self._chunks, self.params["p_final"])
-            dropped = ctx.optimizer.set_drop_rate(rate, self._generator)
+            dropped = self.set_drop_rate(rate, self._params, self._generator)
             self.mask_history.append((step, rate, dropped))
             self._chunk = chunk
 
-    def state_dict(self) -> dict[str, Any]:
-        # A run resumed inside a chunk must keep the mask in force, not redraw it from the generator's
-        # later state. The mask is not secret (the dropped coordinates are exact zeros in every update),
-        # so it is kept in --secure checkpoints too.
-        masks = self._optimizer.keep_masks if self._optimizer is not None else None
-        return {"chunk": self._chunk, "mask_history": list(self.mask_history),
-                "keep_masks": None if masks is None else [m.bool().cpu() for m in masks]}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._chunk = state["chunk"]
-        self.mask_history = list(state["mask_history"])
-        if self._optimizer is not None and state["keep_masks"] is not None:
-            self._optimizer.keep_masks = [m.to(device=p.device, dtype=p.dtype)
-                                          for m, p in zip(state["keep_masks"], self._optimizer.params)]
+        super().load_state_dict(state)
+        if self.keep_masks is not None:  # checkpoints load on the CPU
+            self.keep_masks = [m.to(device=p.device, dtype=p.dtype) for m, p in zip(self.keep_masks, self._params)]
+
+    # Masking first means the clip factor uses the norm of the sparsified gradient (spec 4.1).
+    def coordinate_masks(self) -> list[torch.Tensor] | None:
+        return self.keep_masks
+
+    def noise(self, summed: list[torch.Tensor], release: DPBenchOptimizer) -> list[torch.Tensor]:
+        # Full-size noise keeps the random stream identical to DP-SGD's; zeroing it on the dropped
+        # coordinates is "noise only on kept coordinates". The sum (and any canary) is already zero there
+        # for a real record, so masking the whole release changes nothing else.
+        released = super().noise(summed, release)
+        if self.keep_masks is not None:
+            for r, keep in zip(released, self.keep_masks):
+                r.mul_(keep.view_as(r))
+        return released
+
+    def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
+        release.mean_of(released)
+        if self.params["mask_momentum"] and self.keep_masks is not None:
+            # Acts on buffers of already privatised gradients: post-processing, eps unchanged.
+            for p, keep in zip(release.params, self.keep_masks):
+                state = release.original_optimizer.state.get(p, {})
+                for key in ("momentum_buffer", "exp_avg"):  # SGD's, Adam's first moment
+                    if state.get(key) is not None:
+                        state[key].mul_(keep)
+        release.original_optimizer.step()
 
     def canary_contribution(self, direction: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
         """Worst case under the mask in force: the direction's kept part, scaled to norm C.
@@ -182,9 +162,8 @@ class RandomSparsification(Mechanism):
         A real record can only move kept coordinates, so the worst case lives there; if the direction
         has nothing on them the record cannot influence this release at all.
         """
-        masks = self._optimizer.keep_masks if self._optimizer is not None else None
-        if masks is not None:
-            direction = [d * m.to(d) for d, m in zip(direction, masks)]
+        if self.keep_masks is not None:
+            direction = [d * m.to(d) for d, m in zip(direction, self.keep_masks)]
         norm = math.sqrt(sum(float(d.pow(2).sum()) for d in direction))
         if norm == 0.0:
             return [torch.zeros_like(d) for d in direction]

@@ -34,7 +34,7 @@ import torch
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
 from dpbench.registry import did_you_mean
 from dpbench.recipes import Recipe
 
@@ -91,44 +91,9 @@ def check_sensitivity(weight_name: str, clip: float, params: Mapping[str, Any]) 
     return sup
 
 
-class ScalingOptimizer(DPBenchOptimizer):
-    """Opacus' DPOptimizer with ``w(||g_i||) g_i`` in place of clipping, and an optional EMA of the update.
-
-    The noise (Opacus' ``add_noise``: std ``noise_multiplier * max_grad_norm``) is untouched.
-    """
-
-    #: Per-sample weights from per-sample norms; set by the mechanism right after construction.
-    per_sample_weight: Callable[[torch.Tensor], torch.Tensor] | None = None
-    #: beta of ``v <- beta v + (1 - beta) u`` on the privatised gradient u; None for no momentum.
-    ema_beta: float | None = None
-
-    def clip_and_accumulate(self) -> None:
-        if self.per_sample_weight is None:
-            raise RuntimeError("ScalingOptimizer used without a per-sample weight")
-        # Weights in float64, the precision check_sensitivity verified: in float32 a small r underflows to 0
-        # (PSAC's r/(x + r) is then 0/0 at x = 0) and a large one overflows. accumulate_weighted saturates a
-        # weight beyond float32 (inf * 0 = NaN would leak that some gradient is zero) and rounds it down, so
-        # no contribution passes C after the cast.
-        self.accumulate_weighted(self.per_sample_weight, self.max_grad_norm)
-
-    def scale_grad(self) -> None:
-        super().scale_grad()
-        if self.ema_beta is None:
-            return
-        for p in self.params:
-            # Kept apart from SGD's own "momentum_buffer" so a --momentum on top stays distinguishable.
-            state = self.original_optimizer.state[p]
-            if "privatised_ema" not in state:
-                state["privatised_ema"] = torch.zeros_like(p.grad)
-            ema = state["privatised_ema"]
-            ema.mul_(self.ema_beta).add_(p.grad, alpha=1.0 - self.ema_beta)
-            p.grad.copy_(ema)
-
-
 class ScalingMechanism(Mechanism):
     """Shared by the scaling family: DP-SGD with a weight function in place of clipping."""
 
-    optimizer_class = ScalingOptimizer
     #: The entry of :data:`WEIGHTS` used when the mechanism has no ``weight`` parameter.
     default_weight: ClassVar[str] = "psac"
 
@@ -162,15 +127,30 @@ class ScalingMechanism(Mechanism):
         """Per-sample weights for per-sample gradient norms under sensitivity bound ``clip``."""
         return WEIGHTS[self.weight_name](norm, clip, self.params)
 
-    def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
-                       max_grad_norm: float, expected_batch_size: int,
-                       generator: torch.Generator | None) -> torch.optim.Optimizer:
-        check_sensitivity(self.weight_name, max_grad_norm, self.params)
-        opt = super().make_optimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                     expected_batch_size=expected_batch_size, generator=generator)
-        opt.per_sample_weight = lambda norm: self.weight(norm, max_grad_norm)
-        opt.ema_beta = self.momentum_beta
-        return opt
+    def setup(self, ctx: TrainContext) -> None:
+        check_sensitivity(self.weight_name, ctx.cfg.clip, self.params)  # at the run's C, not only at C = 1
+
+    def per_sample_weights(self, norms: torch.Tensor, clip: float) -> torch.Tensor:
+        # Weights in float64, the precision check_sensitivity verified: in float32 a small r underflows to 0
+        # (PSAC's r/(x + r) is then 0/0 at x = 0) and a large one overflows. The engine saturates a weight
+        # beyond float32 (inf * 0 = NaN would leak that some gradient is zero) and rounds it down, so no
+        # contribution passes C after the cast.
+        return self.weight(norms, clip)
+
+    def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
+        """PSASC's momentum: an EMA of the privatised mean gradient (post-processing), then the base step."""
+        grads = release.mean_of(released)
+        beta = self.momentum_beta
+        if beta is not None:
+            for p, grad in zip(release.params, grads):
+                # in the base optimizer's state (saved with it), apart from SGD's own "momentum_buffer"
+                state = release.original_optimizer.state[p]
+                if "privatised_ema" not in state:
+                    state["privatised_ema"] = torch.zeros_like(grad)
+                ema = state["privatised_ema"]
+                ema.mul_(beta).add_(grad, alpha=1.0 - beta)
+                grad.copy_(ema)
+        release.original_optimizer.step()
 
 
 @MECHANISMS.register("auto_s")

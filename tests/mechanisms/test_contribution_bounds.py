@@ -61,12 +61,11 @@ def _bounds(name: str, mech, ctx: TrainContext, norm_of_record: float) -> tuple[
     """(l2 bound, l-inf bound) of one record's contribution, as the mechanism's accountant assumes it."""
     clip = ctx.cfg.clip
     if name == "dpis":
-        opt = ctx.optimizer
         # make the record certain to be kept (inclusion probability 1), so its term is really added; a zero
         # gradient is never kept, whatever K^
-        kept_norm = min(norm_of_record, opt.max_grad_norm) or opt.max_grad_norm
-        opt.k_hat = opt.batch_size * kept_norm / opt.candidate_rate
-        return opt.term_norm, math.inf
+        kept_norm = min(norm_of_record, mech.current_clip) or mech.current_clip
+        mech.k_hat = mech.batch_size * kept_norm / mech.candidate_rate
+        return mech.term_norm, math.inf
     if name == "ged":
         return float(mech.params["quant_clip"]), math.inf
     if name == "modelmix":

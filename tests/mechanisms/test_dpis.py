@@ -20,7 +20,7 @@ from dpbench.data import load_dataset
 from dpbench.engine import train
 from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import TrainContext
-from dpbench.mechanisms.dpis import MIN_CLIP_FRACTION, DPIS, ImportanceSampledOptimizer, inclusion_probabilities
+from dpbench.mechanisms.dpis import MIN_CLIP_FRACTION, DPIS, inclusion_probabilities
 
 N, FEATURES, CLASSES, BATCH, CLIP = 24, 40, 25, 6, 1.0
 
@@ -73,13 +73,13 @@ def per_sample_clipped(ctx: TrainContext, clip: float = CLIP) -> torch.Tensor:
 
 def estimate(ctx: TrainContext, candidates: torch.Tensor) -> torch.Tensor:
     """One optimizer step's gradient estimate p.grad for a candidate set, as the loop computes it."""
-    opt: ImportanceSampledOptimizer = ctx.optimizer
+    opt = ctx.optimizer
     if len(candidates):
         ctx.criterion(ctx.model(ctx.train_x[candidates]), ctx.train_y[candidates]).backward()
     else:  # the loop's empty-batch path
         for p in opt.params:
             p.grad_sample = torch.zeros((0, *p.shape))
-    opt.pre_step()
+    opt.step()  # the release and the update (lr 0): p.grad holds the estimate
     out = torch.cat([p.grad.flatten().clone() for p in opt.params])
     opt.zero_grad(set_to_none=True)
     return out
@@ -105,7 +105,7 @@ def test_released_normaliser_is_floored_and_matches_the_norm_sum():
     expected = float(per_sample_clipped(ctx).norm(dim=1).sum())
     (entry,) = mech.trace
     assert entry["k_tilde"] == pytest.approx(expected, rel=1e-5)
-    assert entry["k_hat"] == max(entry["k_tilde"], mech.floor(CLIP, BATCH)) == ctx.optimizer.k_hat
+    assert entry["k_hat"] == max(entry["k_tilde"], mech.floor(CLIP, BATCH)) == mech.k_hat
     # A huge sigma_K often releases K~ far below the floor (even negative): K^ never goes below it.
     mech, ctx = make_problem(sigma_k=1e6)
     for step in range(20):
@@ -120,10 +120,10 @@ def test_every_kept_term_has_norm_k_hat_over_b():
     opt = ctx.optimizer
     norms = per_sample_clipped(ctx).norm(dim=1)
     for i in (0, 5, 23):
-        opt.k_hat = BATCH * float(norms[i])  # probability exactly 1 for this candidate
+        mech.k_hat = BATCH * float(norms[i])  # probability exactly 1 for this candidate
         grad = estimate(ctx, torch.tensor([i]))
-        assert opt.drawn_per_step[-1] == 1
-        assert float(grad.norm()) * N == pytest.approx(opt.k_hat / BATCH, rel=1e-5)
+        assert mech.drawn_per_step[-1] == 1
+        assert float(grad.norm()) * N == pytest.approx(mech.k_hat / BATCH, rel=1e-5)
 
 
 @pytest.mark.parametrize("params,k_hat_factor", [
@@ -143,7 +143,7 @@ def test_noiseless_estimate_is_unbiased_for_the_mean_clipped_gradient(params, k_
     trials = 0
     for indices in sampler:
         mech.begin_step(ctx, trials)
-        opt.k_hat = k_hat
+        mech.k_hat = k_hat
         total += estimate(ctx, torch.as_tensor(indices, dtype=torch.long))
         trials += 1
     mean = total / trials
@@ -155,7 +155,7 @@ def test_noiseless_estimate_is_unbiased_for_the_mean_clipped_gradient(params, k_
     z = (mean - target) / (var / trials).sqrt().clamp(min=1e-12)
     assert float(z.abs().max()) < 5.0, float(z.abs().max())  # d = 1000 coordinates: P(max |z| > 5) ~ 6e-4
     assert not live[3] and torch.isfinite(mean).all()  # the zero-gradient record is never drawn
-    drawn = torch.tensor(opt.drawn_per_step, dtype=torch.float64)
+    drawn = torch.tensor(mech.drawn_per_step, dtype=torch.float64)
     assert float(drawn.mean()) == pytest.approx(float(pi.sum()), rel=0.1)
 
 
@@ -165,14 +165,14 @@ def test_noise_scale_is_sigma_g_k_hat_over_b_whatever_the_batch():
     reference = None
     for candidates in (torch.arange(0, 12), torch.arange(12, 24), torch.tensor([3]), torch.tensor([], dtype=torch.long)):
         mech, ctx = make_problem(sigma_k=math.inf, candidate_rate=1, noise=2.5)
-        ctx.optimizer.k_hat = 3.0 * mech.floor(CLIP, BATCH)
+        mech.k_hat = 3.0 * mech.floor(CLIP, BATCH)
         noisy = estimate(ctx, candidates) * N
         mech, ctx = make_problem(sigma_k=math.inf, candidate_rate=1, noise=0.0)
-        ctx.optimizer.k_hat = 3.0 * mech.floor(CLIP, BATCH)
+        mech.k_hat = 3.0 * mech.floor(CLIP, BATCH)
         noise = noisy - estimate(ctx, candidates) * N
         if reference is None:
             reference = noise
-            sigma = 2.5 * ctx.optimizer.k_hat / BATCH
+            sigma = 2.5 * mech.k_hat / BATCH
             assert float(noise.std()) == pytest.approx(sigma, rel=0.1)  # 1000 coordinates
         torch.testing.assert_close(noise, reference, rtol=1e-4, atol=1e-4)
 
@@ -180,15 +180,15 @@ def test_noise_scale_is_sigma_g_k_hat_over_b_whatever_the_batch():
 def test_empty_candidate_set_and_empty_draw_release_only_noise():
     mech, ctx = make_problem(sigma_k=math.inf, noise=1.0)
     opt = ctx.optimizer
-    opt.k_hat = mech.floor(CLIP, BATCH)
+    mech.k_hat = mech.floor(CLIP, BATCH)
     grad = estimate(ctx, torch.tensor([], dtype=torch.long))
-    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0 and opt.drawn_per_step[-1] == 0
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0 and mech.drawn_per_step[-1] == 0
     mech_quiet, ctx_quiet = make_problem(sigma_k=math.inf, noise=0.0)
-    ctx_quiet.optimizer.k_hat = 1e12  # every probability is ~0: candidates, but nothing drawn
+    mech_quiet.k_hat = 1e12  # every probability is ~0: candidates, but nothing drawn
     assert float(estimate(ctx_quiet, torch.arange(N)).abs().sum()) == 0.0
-    assert ctx_quiet.optimizer.drawn_per_step[-1] == 0
+    assert mech_quiet.drawn_per_step[-1] == 0
     # Only the zero-gradient record as candidate: never drawn, never divided by.
-    ctx_quiet.optimizer.k_hat = mech_quiet.floor(CLIP, BATCH)
+    mech_quiet.k_hat = mech_quiet.floor(CLIP, BATCH)
     assert float(estimate(ctx_quiet, torch.tensor([3, 3, 3])).abs().sum()) == 0.0
 
 
@@ -222,15 +222,15 @@ def test_with_cap_q_and_every_record_clipped_a_step_is_exactly_dpsgd():
     norms = per_sample_clipped(ctx, clip).norm(dim=1)
     assert torch.allclose(norms[norms > 0], torch.tensor(clip)) and float(norms[3]) == 0.0
     mech.begin_step(ctx, 0)
-    assert ctx.optimizer.k_hat == pytest.approx(N * clip)
+    assert mech.k_hat == pytest.approx(N * clip)
     dpis_grad = estimate(ctx, batch)
-    assert ctx.optimizer.drawn_per_step[-1] == len(batch) - 1  # all but the zero-gradient record
+    assert mech.drawn_per_step[-1] == len(batch) - 1  # all but the zero-gradient record
     _, ctx2 = make_problem(noise=noise, clip=clip, sigma_k=math.inf)  # same initial model
     dpsgd = get_mechanism("dpsgd")().make_optimizer(torch.optim.SGD(ctx2.model.parameters(), lr=0.0),
                                                     noise_multiplier=noise, max_grad_norm=clip,
                                                     expected_batch_size=BATCH, generator=torch.Generator().manual_seed(1))
     ctx2.criterion(ctx2.model(ctx2.train_x[batch]), ctx2.train_y[batch]).backward()
-    dpsgd.pre_step()
+    dpsgd.step()  # lr 0: p.grad holds DP-SGD's released mean
     torch.testing.assert_close(dpis_grad, torch.cat([p.grad.flatten() for p in dpsgd.params]), rtol=1e-4, atol=1e-7)
 
 
@@ -242,12 +242,12 @@ def test_canary_is_a_kept_record_of_clipped_norm_c():
     i = int(clipped.norm(dim=1).argmax())
     assert float(clipped[i].norm()) == pytest.approx(CLIP)
     direction = [clipped[i].view(CLASSES, FEATURES) * 7.0]  # any scale: only the direction counts
-    opt.k_hat = 3.0 * mech.floor(CLIP, BATCH)
+    mech.k_hat = 3.0 * mech.floor(CLIP, BATCH)
     contribution = mech.canary_contribution(direction, CLIP)
-    assert float(contribution[0].norm()) == pytest.approx(opt.k_hat / BATCH, rel=1e-5)
-    opt.k_hat = mech.floor(CLIP, BATCH)  # a record with n = C is now kept w.p. q_cap / candidate_rate = 1
+    assert float(contribution[0].norm()) == pytest.approx(mech.k_hat / BATCH, rel=1e-5)
+    mech.k_hat = mech.floor(CLIP, BATCH)  # a record with n = C is now kept w.p. q_cap / candidate_rate = 1
     real = estimate(ctx, torch.tensor([i]))
-    assert opt.drawn_per_step[-1] == 1
+    assert mech.drawn_per_step[-1] == 1
     opt.canary = lambda: mech.canary_contribution(direction, CLIP)
     torch.testing.assert_close(estimate(ctx, torch.tensor([], dtype=torch.long)), real, rtol=1e-5, atol=1e-7)
 
@@ -264,7 +264,7 @@ def test_all_randomness_comes_from_the_runs_generators():
         estimate(ctx, torch.arange(N))
     assert torch.equal(torch.get_rng_state(), state)
     assert sorted(purposes) == ["dpis-draw", "dpis-normaliser-noise", "dpis-normaliser-sample"]
-    assert all(t["k_tilde"] is not None for t in mech.trace) and sum(ctx.optimizer.drawn_per_step) > 0
+    assert all(t["k_tilde"] is not None for t in mech.trace) and sum(mech.drawn_per_step) > 0
 
 
 def test_adaptive_clip_follows_the_released_sum_within_a_factor_two():
@@ -275,8 +275,8 @@ def test_adaptive_clip_follows_the_released_sum_within_a_factor_two():
     for before, after in zip(mech.trace, mech.trace[1:]):
         wanted = before["k_tilde"] * q_cap / BATCH
         assert after["clip"] == pytest.approx(min(max(wanted, before["clip"] / 2), before["clip"] * 2))
-        assert ctx.optimizer.max_grad_norm == mech.trace[-1]["clip"]
-    assert mech.state_dict() == {"clip": mech._clip}
+        assert mech.current_clip == mech.trace[-1]["clip"]  # the step clips at C_t
+    assert mech.state_dict()["_clip"] == mech._clip  # C_{t+1} is in the checkpoint
 
 
 @pytest.mark.parametrize("normalise", [True, False])
@@ -289,17 +289,17 @@ def test_normalised_step_rescales_the_estimate_by_base_clip_over_current_clip(no
     clip_t = mech.trace[-1]["clip"]
     assert clip_t != pytest.approx(CLIP)  # the problem's norms do move C
     opt = ctx.optimizer
-    assert opt.step_scale == (CLIP / clip_t if normalise else 1.0)
-    opt.k_hat = 2.0 * mech.floor(clip_t, BATCH)
+    assert mech.step_scale == (CLIP / clip_t if normalise else 1.0)
+    mech.k_hat = 2.0 * mech.floor(clip_t, BATCH)
     got = estimate(ctx, torch.arange(N))
-    assert opt.drawn_per_step[-1] > 0
+    assert mech.drawn_per_step[-1] > 0
     # Rerun the same draw with the scale undone: the two differ by exactly step_scale.
-    scale = opt.step_scale
+    scale = mech.step_scale
     mech2, ctx2 = make_problem(candidate_rate=1, sigma_k=1e-9, r_hat=0.5, adaptive_clip=True, normalise_step=normalise)
     for step in range(3):
         mech2.begin_step(ctx2, step)
-    ctx2.optimizer.k_hat = opt.k_hat
-    ctx2.optimizer.step_scale = 1.0
+    mech2.k_hat = mech.k_hat
+    mech2.step_scale = 1.0
     plain = estimate(ctx2, torch.arange(N))
     assert torch.allclose(got, scale * plain, rtol=1e-5, atol=1e-9)
 
@@ -311,7 +311,7 @@ def test_adaptive_clip_stops_at_its_floor_when_every_gradient_is_zero():
         mech.begin_step(ctx, step)
     clips = [t["clip"] for t in mech.trace]
     assert clips[1] == CLIP / 2 and min(clips) == MIN_CLIP_FRACTION * CLIP == clips[-1]
-    assert math.isfinite(ctx.optimizer.step_scale) and ctx.optimizer.step_scale == 1 / MIN_CLIP_FRACTION
+    assert math.isfinite(mech.step_scale) and mech.step_scale == 1 / MIN_CLIP_FRACTION
 
 
 def test_kept_terms_of_underflowing_gradients_still_have_norm_k_hat_over_b():
@@ -323,10 +323,10 @@ def test_kept_terms_of_underflowing_gradients_still_have_norm_k_hat_over_b():
     norms = per_sample_clipped(ctx).double().norm(dim=1)
     assert 0 < float(norms[0]) < 1e-20
     for i in (0, 23):
-        opt.k_hat = BATCH * float(norms[i])  # probability exactly 1 for this candidate
+        mech.k_hat = BATCH * float(norms[i])  # probability exactly 1 for this candidate
         grad = estimate(ctx, torch.tensor([i]))
-        assert opt.drawn_per_step[-1] == 1
-        assert float(grad.double().norm()) * N == pytest.approx(opt.k_hat / BATCH, rel=1e-4)
+        assert mech.drawn_per_step[-1] == 1
+        assert float(grad.double().norm()) * N == pytest.approx(mech.k_hat / BATCH, rel=1e-4)
 
 
 def test_training_loop_on_synthetic_keeps_k_hat_above_the_floor():
@@ -334,10 +334,10 @@ def test_training_loop_on_synthetic_keeps_k_hat_above_the_floor():
     cfg = resolve(dict(mech="dpis", dataset="synthetic", eps=4.0, steps=6))
     mech = get_mechanism("dpis")()
     out = train(cfg, mech, data, 1.5, 6, torch.device("cpu"), show_progress=False)
-    assert len(mech.trace) == 6 and len(mech._optimizer.drawn_per_step) == 6
+    assert len(mech.trace) == 6 and len(mech.drawn_per_step) == 6
     floor = mech.floor(cfg.clip, cfg.batch_size)
     assert all(t["k_tilde"] is not None and t["k_hat"] >= floor for t in mech.trace)
-    assert all(n < 4 * cfg.batch_size for n in mech._optimizer.drawn_per_step)
+    assert all(n < 4 * cfg.batch_size for n in mech.drawn_per_step)
     assert math.isfinite(out.test_loss)
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dpbench.cli import app
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
-from dpbench.mechanisms.ged import GEDEncoder, GEDOptimizer, KSDenoiser, float32_below, ks_statistic, lr_factor
+from dpbench.mechanisms.ged import GED, GEDEncoder, KSDenoiser, float32_below, ks_statistic, lr_factor
 from dpbench.privacy.ged import CodebookSpec, generate_codebook
 
 K, D = 40, 300
@@ -119,32 +119,28 @@ class _Tiny(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
-def _one_step(mech, x, y, optimizer_cls=None, tweak=None, seed=0):
+def _one_step(mech, x, y, seed=0):
     torch.manual_seed(0)
     model = GradSampleModule(_Tiny())
-    if optimizer_cls is not None:
-        mech.optimizer_class = optimizer_cls
     opt = mech.make_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
                               expected_batch_size=len(y), generator=torch.Generator().manual_seed(seed))
-    opt.reference_generator = torch.Generator().manual_seed(seed + 1)
-    if tweak is not None:
-        tweak(opt)
+    mech._reference_generator = torch.Generator().manual_seed(seed + 1)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-    return [p.detach().clone() for p in model.parameters()], opt
+    return [p.detach().clone() for p in model.parameters()], mech
 
 
 def test_denoiser_never_reads_the_clean_gradient():
     x, y = torch.randn(16, 20), torch.randint(0, 3, (16,))
     released = {}
 
-    class Poisoned(GEDOptimizer):
-        def scale_grad(self):
-            released["sum"] = torch.cat([p.grad.reshape(-1) for p in self.params]).clone()
-            for p in self.params:  # anything that reads the clean gradient from here on reads NaN
+    class Poisoned(GED):
+        def update(self, noisy, release):  # noqa: ANN001
+            released["sum"] = torch.cat([t.reshape(-1) for t in noisy]).clone()
+            for p in release.params:  # anything that reads the clean gradient from here on reads NaN
                 p.summed_grad = torch.full_like(p.summed_grad, float("nan"))
                 p.grad_sample = torch.full_like(p.grad_sample, float("nan"))
-            super().scale_grad()
+            super().update(noisy, release)
 
     class Recording(KSDenoiser):
         def __call__(self, noisy, reference):
@@ -152,8 +148,9 @@ def test_denoiser_never_reads_the_clean_gradient():
             return super().__call__(noisy, reference)
 
     plain, opt_plain = _one_step(get_mechanism("ged")(k=50, codebook_rows=2), x, y)
-    poisoned, _ = _one_step(get_mechanism("ged")(k=50, codebook_rows=2), x, y, optimizer_cls=Poisoned,
-                            tweak=lambda o: setattr(o, "denoiser", Recording()))
+    poisoned_mech = Poisoned(k=50, codebook_rows=2)
+    poisoned_mech.denoiser = Recording()
+    poisoned, _ = _one_step(poisoned_mech, x, y)
     assert all(torch.isfinite(p).all() for p in poisoned)
     assert all(torch.equal(a, b) for a, b in zip(plain, poisoned))
     # the denoiser's input is exactly the released average (noisy sum / B), nothing else
@@ -177,8 +174,8 @@ def test_noise_lands_on_every_coordinate(noise):
                               expected_batch_size=8, generator=torch.Generator().manual_seed(3))
     for p in opt.params:  # an empty batch: the release is pure noise
         p.grad_sample = torch.zeros((0, *p.shape))
-    opt.pre_step()
-    released = torch.cat([p.grad.reshape(-1) for p in opt.params]) * 8
+    opt.pre_step()  # the release: p.grad holds the noisy sum (the update would divide it by B)
+    released = torch.cat([p.grad.reshape(-1) for p in opt.params])
     assert torch.all(released != 0) and released.numel() == sum(p.numel() for p in opt.params)
     assert float(released.std()) == pytest.approx({"student_t": 2 * (9 / 7) ** 0.5, "gaussian": 2.0,
                                                    "laplace": 2 * 2 ** 0.5}[noise], rel=0.25)

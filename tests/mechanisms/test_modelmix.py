@@ -104,7 +104,7 @@ def test_step_is_the_noisy_gradient_from_the_mixed_point(monkeypatch):
     previous[1][0] = current[1][0]  # one equal coordinate
     mixer = StateMixer([t.clone() for t in previous], torch.Generator().manual_seed(3))
     mixer.gamma = 0.5  # tau = 0.05 with lr 0.1: every pair here is closer than tau
-    opt.mixer = mixer
+    opt.mechanism.mixer = mixer
     drawn: list[torch.Tensor] = []
     original = modelmix_module.draw_mixing_weights
     monkeypatch.setattr(modelmix_module, "draw_mixing_weights", lambda like, g: drawn.append(original(like, g)) or drawn[-1])
@@ -132,7 +132,7 @@ def test_the_step_releases_the_noise_and_uniform_width_the_accountant_charges(mo
     clipped_sum = expected_clipped_sum(model, p=p, clip=clip)
     current = [q.detach().clone() for q in opt.params]
     previous = [c + 0.01 * torch.randn(c.shape, generator=torch.Generator().manual_seed(7)) for c in current]
-    opt.mixer = StateMixer([t.clone() for t in previous], torch.Generator().manual_seed(8))
+    mech.mixer = StateMixer([t.clone() for t in previous], torch.Generator().manual_seed(8))
     mech.begin_step(TrainContext(cfg=None, model=model, optimizer=opt, train_x=x, train_y=x, criterion=None,
                                  noise_multiplier=z, sample_rate=0.1, steps=10, physical_batch_size=5, device=CPU,
                                  make_generator=None), 0)

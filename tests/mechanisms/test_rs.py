@@ -95,7 +95,7 @@ def _optimizer(noise=0.0, clip=1.0, rate=0.5, lr=1.0, b=4):
     opt = get_mechanism("rs")().make_optimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=noise,
                                                max_grad_norm=clip, expected_batch_size=b,
                                                generator=torch.Generator().manual_seed(3))
-    dropped = opt.set_drop_rate(rate, torch.Generator().manual_seed(11)) if rate is not None else None
+    dropped = opt.mechanism.set_drop_rate(rate, opt.params, torch.Generator().manual_seed(11)) if rate is not None else None
     return model, opt, dropped
 
 
@@ -108,7 +108,7 @@ def test_every_sample_is_masked_by_the_same_mask_then_clipped_on_the_masked_norm
     x, y = _batch(scale=10.0)
     model, opt, dropped = _optimizer(clip=0.3)
     assert dropped == 12
-    keep = torch.cat([m.flatten() for m in opt.keep_masks])
+    keep = torch.cat([m.flatten() for m in opt.mechanism.keep_masks])
     per_sample = []
     for i in range(4):
         model.zero_grad()
@@ -138,7 +138,7 @@ def test_noise_only_on_kept_coordinates_and_from_dpsgds_stream():
         grads[rate] = torch.cat([p.grad.flatten() for p in opt.params])
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         if rate is not None:
-            keep = torch.cat([m.flatten() for m in opt.keep_masks])
+            keep = torch.cat([m.flatten() for m in opt.mechanism.keep_masks])
             assert bool((grads[rate][keep == 0] == 0).all())
             assert bool((grads[rate][keep == 1] != 0).all())
             assert torch.equal(after[keep == 0], before[keep == 0])  # no momentum: dropped weights frozen
@@ -161,13 +161,13 @@ def test_momentum_buffer_moves_dropped_coordinates_unless_masked(mask_momentum):
         torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), noise_multiplier=1.0, max_grad_norm=1.0,
         expected_batch_size=4, generator=torch.Generator().manual_seed(3))
     for rate in (0.0, 0.5):
-        opt.set_drop_rate(rate, torch.Generator().manual_seed(11))
+        opt.mechanism.set_drop_rate(rate, opt.params, torch.Generator().manual_seed(11))
         before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
-    dropped = torch.cat([m.flatten() for m in opt.keep_masks]) == 0
+    dropped = torch.cat([m.flatten() for m in opt.mechanism.keep_masks]) == 0
     assert bool((after[~dropped] != before[~dropped]).all())
     moved = after[dropped] != before[dropped]
     if mask_momentum:
@@ -177,12 +177,11 @@ def test_momentum_buffer_moves_dropped_coordinates_unless_masked(mask_momentum):
 
 
 def test_canary_lives_on_kept_coordinates_with_norm_c():
-    mech = get_mechanism("rs")()
     _, opt, _ = _optimizer()
-    mech._optimizer = opt
+    mech = opt.mechanism
     direction = [torch.ones(4, 5), torch.ones(4)]
     contribution = torch.cat([c.flatten() for c in mech.canary_contribution(direction, clip=0.5)])
-    keep = torch.cat([m.flatten() for m in opt.keep_masks])
+    keep = torch.cat([m.flatten() for m in opt.mechanism.keep_masks])
     assert float(contribution.norm()) == pytest.approx(0.5)
     assert bool((contribution[keep == 0] == 0).all())
 
@@ -224,7 +223,7 @@ def test_masks_follow_the_schedule_in_training_and_ignore_the_data():
     assert [n for _, _, n in mech.mask_history] == [math.floor(r * d) for _, r, _ in mech.mask_history]
     shuffled = dataclasses.replace(DATA, train_y=DATA.train_y.roll(1), train_x=DATA.train_x.flip(0))
     other, other_params = _train("rs", data=shuffled, refresh=2)
-    assert all(torch.equal(a, b) for a, b in zip(mech._optimizer.keep_masks, other._optimizer.keep_masks))
+    assert all(torch.equal(a, b) for a, b in zip(mech.keep_masks, other.keep_masks))
     assert not torch.equal(params, other_params)
 
 

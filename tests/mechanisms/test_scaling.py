@@ -186,7 +186,7 @@ def test_summed_gradient_is_the_weighted_sum_of_per_sample_gradients(name):
     per_sample = _per_sample_grads(model._module, x, y)
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    opt.pre_step()
+    opt.step()  # lr 0: the release and its mean in p.grad, the model unchanged
     summed = torch.cat([p.summed_grad.flatten() for p in opt.params])
     norms = torch.stack([gi.norm() for gi in per_sample])
     expected = sum(mech.weight(n, 0.7) * gi for n, gi in zip(norms, per_sample))
@@ -204,7 +204,7 @@ def test_noise_is_sigma_c_whatever_the_batch(name):
         model, opt = _step(get_mechanism(name)(**({"beta": 0.0} if name == "psasc" else {})), x, y,
                            noise=1.3, clip=0.5, gen_seed=9)
         nn.functional.cross_entropy(model(x), y).backward()
-        opt.pre_step()
+        opt.step()  # lr 0: p.grad holds the released mean
         noise.append(torch.cat([(p.grad * 4 - p.summed_grad.view_as(p)).flatten() for p in opt.params]))
     torch.testing.assert_close(noise[0], noise[1])
     reference = torch.normal(0.0, 1.3 * 0.5, (8,), generator=torch.Generator().manual_seed(9))
