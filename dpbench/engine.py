@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
-from opacus.optimizers import DPOptimizer
 from rich.console import Console
 
 from dpbench.checkpoint import Checkpointer, checkpoint_path
@@ -105,13 +104,11 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
         model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     model.to(device).train()
 
+    # --secure: Gaussian noise hardened against floating-point attacks (2n draws, as Opacus' secure_mode); its
+    # secure RNG needs torchcsprng, which has no release for this torch, so the generators stay OS-seeded PRNGs.
     optimizer = mech.make_optimizer(_base_optimizer(cfg, model.parameters()), noise_multiplier=noise_multiplier,
                                     max_grad_norm=cfg.clip, expected_batch_size=cfg.batch_size,
-                                    generator=state.generator("noise"))
-    if cfg.secure and isinstance(optimizer, DPOptimizer):
-        # Opacus' noise hardened against floating-point attacks (2n Gaussian draws); its secure RNG needs
-        # torchcsprng, which has no release for this torch, so the generators stay OS-seeded PRNGs.
-        optimizer.secure_mode = True
+                                    generator=state.generator("noise"), secure_mode=cfg.secure)
     if on_optimizer is not None:
         on_optimizer(optimizer)
     sampling = state.generator("sampling", torch.device("cpu"))

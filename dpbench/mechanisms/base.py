@@ -314,11 +314,14 @@ class Mechanism:
 
     def make_optimizer(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                        max_grad_norm: float, expected_batch_size: int,
-                       generator: torch.Generator | None) -> torch.optim.Optimizer:
-        """The engine's step object over ``optimizer`` for this mechanism (used by the loop, not overridden)."""
+                       generator: torch.Generator | None, secure_mode: bool = False) -> torch.optim.Optimizer:
+        """The engine's step object over ``optimizer`` for this mechanism (used by the loop, not overridden).
+
+        ``secure_mode``: Gaussian noise drawn the floating-point-hardened way (``--secure``).
+        """
         return DPBenchOptimizer(optimizer, mechanism=self, noise_multiplier=noise_multiplier,
                                 max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                loss_reduction="mean", generator=generator)
+                                loss_reduction="mean", generator=generator, secure_mode=secure_mode)
 
     # -- hooks -----------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
