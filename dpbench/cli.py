@@ -164,54 +164,16 @@ def account(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object only"),
 ) -> None:
     """Print the calibrated noise for a target eps, or the eps of a given noise. Trains nothing."""
-    from dpbench.config import MIN_CLIP, parse_sets
-    from dpbench.data import DATASETS
-    from dpbench.mechanisms import get_mechanism
-    from dpbench.privacy import account as account_eps, calibrate
-    from dpbench.recipes import recipe_for
+    from dpbench.config import parse_sets
+    from dpbench.pipeline import plan_accounting
 
     try:
-        if (eps is None) == (sigma is None):
-            raise BadInput("give exactly one of --eps and --sigma")
-        if epochs is not None and steps is not None:
-            raise BadInput(f"--epochs {epochs:g} and --steps {steps} given together: give one of them "
-                           f"(--steps {steps} would have been used and --epochs ignored)")
-        if clip is not None and not (clip >= MIN_CLIP and math.isfinite(clip)):
-            raise BadInput(f"--clip {clip}: must be a finite number >= {MIN_CLIP:g}")
-        if not 0 < delta < 1:
-            raise BadInput(f"--delta {delta}: must be in (0, 1)")
-        mechanism = get_mechanism(mech)(**parse_sets(sets))
-        ds = dataset or "mnist"
-        size = n if n is not None else DATASETS.entry(ds).meta["train_size"]
-        if size <= 0:
-            raise BadInput(f"--n {size}: must be positive")
-        recipe = recipe_for(ds, mech, model) if n is None or dataset else None
-        b = batch_size or (recipe.batch_size if recipe else None)
-        if b is None or not 0 < b <= size:
-            raise BadInput(f"--batch-size {b}: must be in [1, N = {size}]")
-        if steps is None:
-            e = epochs if epochs is not None else (recipe.epochs if recipe else None)
-            if e is None or not e > 0:
-                raise BadInput(f"--epochs {e}: must be positive (or give --steps)")
-            t = int(math.floor(e * size / b))
-        else:
-            t = steps
-        if t <= 0:
-            raise BadInput(f"--steps {t}: must be positive")
-        q = b / size
-        c = clip if clip is not None else (recipe.clip if recipe else None)
-        mechanism.bind(batch_size=b, clip=c)
-        if sigma is not None:
-            if not sigma > 0:
-                raise BadInput(f"--sigma {sigma}: must be positive")
-            noise = sigma
-        else:
-            if math.isnan(eps) or eps <= 0:
-                raise BadInput(f"--eps {eps}: must be positive")
-            noise = calibrate(mechanism, eps, q, t, delta)
-        report = account_eps(mechanism, noise, q, t, delta)
+        plan = plan_accounting(mech, params=parse_sets(sets), dataset=dataset, n=n, model=model,
+                               batch_size=batch_size, clip=clip, epochs=epochs, steps=steps, eps=eps, sigma=sigma,
+                               delta=delta)
     except BadInput as exc:
         raise fail(exc)
+    report, size, b, c, q = plan.privacy, plan.size, plan.batch_size, plan.clip, plan.q
     payload = report.as_json()
     payload.update({"n": size, "batch_size": b, "clip": c,
                     "eps_target": "inf" if eps is not None and math.isinf(eps) else eps})

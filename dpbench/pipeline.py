@@ -4,6 +4,7 @@ calibration -> accounting, with every check that needs no training done before a
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,3 +88,73 @@ def prepare(cfg: RunConfig, *, schema: CsvSchema = RUNS, raw_data: DataHook | No
     if mech.private and not privacy.eps <= cfg.eps:
         raise RuntimeError(f"eps spent {privacy.eps} exceeds the target {cfg.eps}")
     return Prepared(cfg, device, mech, data, q, steps, noise, privacy)
+
+
+@dataclass
+class AccountingPlan:
+    """What ``dpbench account`` reports: q, T and C of a configuration, its noise and the privacy it buys."""
+
+    mech: Mechanism
+    size: int  # N
+    batch_size: int
+    steps: int
+    clip: float | None
+    noise: float
+    privacy: PrivacyReport
+
+    @property
+    def q(self) -> float:
+        return self.batch_size / self.size
+
+
+def plan_accounting(mech: str, *, params: dict, dataset: str | None = None, n: int | None = None,
+                    model: str | None = None, batch_size: int | None = None, clip: float | None = None,
+                    epochs: float | None = None, steps: int | None = None, eps: float | None = None,
+                    sigma: float | None = None, delta: float = 1e-5) -> AccountingPlan:
+    """Calibrate (given ``eps``) or account (given ``sigma``) a configuration without data or training.
+
+    With a dataset (``mnist`` unless only ``n`` is given) the recipe and the flags merge as for ``run``
+    (``config.resolve``); with ``n`` alone every value comes from the flags.
+    """
+    from dpbench.config import MIN_CLIP, resolve
+    from dpbench.data import DATASETS
+
+    if (eps is None) == (sigma is None):
+        raise BadInput("give exactly one of --eps and --sigma")
+    if clip is not None and not (clip >= MIN_CLIP and math.isfinite(clip)):
+        raise BadInput(f"--clip {clip}: must be a finite number >= {MIN_CLIP:g}")
+    if not 0 < delta < 1:
+        raise BadInput(f"--delta {delta}: must be in (0, 1)")
+    if n is None or dataset is not None:
+        cfg = resolve({"mech": mech, "dataset": dataset, "model": model, "batch_size": batch_size, "clip": clip,
+                       "epochs": epochs, "steps": steps, "mech_params": params})
+        mech, params = cfg.mech, cfg.mech_params
+        batch_size, clip, epochs, steps = cfg.batch_size, cfg.clip, cfg.epochs, cfg.steps
+        size = n if n is not None else DATASETS.entry(cfg.dataset).meta["train_size"]
+    else:
+        if epochs is not None and steps is not None:
+            raise BadInput(f"--epochs {epochs:g} and --steps {steps} given together: give one of them "
+                           f"(--steps {steps} would have been used and --epochs ignored)")
+        size = n
+    mechanism = get_mechanism(mech)(**params)
+    if size <= 0:
+        raise BadInput(f"--n {size}: must be positive")
+    if batch_size is None or not 0 < batch_size <= size:
+        raise BadInput(f"--batch-size {batch_size}: must be in [1, N = {size}]")
+    if steps is None:
+        if epochs is None or not epochs > 0:
+            raise BadInput(f"--epochs {epochs}: must be positive (or give --steps)")
+        steps = int(math.floor(epochs * size / batch_size))
+    if steps <= 0:
+        raise BadInput(f"--steps {steps}: must be positive")
+    q = batch_size / size
+    mechanism.bind(batch_size=batch_size, clip=clip)
+    if sigma is not None:
+        if not sigma > 0:
+            raise BadInput(f"--sigma {sigma}: must be positive")
+        noise = sigma
+    else:
+        if math.isnan(eps) or eps <= 0:
+            raise BadInput(f"--eps {eps}: must be positive")
+        noise = calibrate(mechanism, eps, q, steps, delta)
+    return AccountingPlan(mechanism, size, batch_size, steps, clip, noise, account(mechanism, noise, q, steps, delta))
