@@ -58,7 +58,6 @@ def _training_options(flags: dict[str, Any], out: str | None) -> dict[str, Any]:
     return {**options, "out": out}
 
 
-
 @app.command()
 def run(
     mech: MechOption,
@@ -77,7 +76,7 @@ def run(
     seed: Optional[int] = typer.Option(None, help="seed of every generator (default: 0)"),
     secure: bool = typer.Option(False, "--secure", help=(
         "seed every generator of the run (noise, sampling, masks, draws) from OS entropy, never recorded, and draw "
-        "Opacus' Gaussian noise with its floating-point-attack hardening. Protects against an adversary who knows "
+        "Gaussian noise with Opacus' floating-point-attack hardening (sums of draws). Protects against an adversary who knows "
         "--seed and the code; does NOT make the generators cryptographic (they are torch's Mersenne Twister "
         "PRNGs, OS-seeded: Opacus' CSPRNG needs torchcsprng, which has no release for torch 2.x), and GED's "
         "Student-t/Laplace noise and DPIS's normaliser noise get no floating-point hardening. With --resume a "

@@ -137,8 +137,8 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     """Merge recipe, config file and flags (``None`` = not given) into a RunConfig."""
     from_file = read_config_file(config_file) if config_file else {}
     flags = {k: v for k, v in options.items() if v is not None and k != "mech_params"}
-    _check_one_horizon(flags, "")
-    _check_one_horizon(from_file, f" in --config {config_file}")
+    check_one_horizon(flags, "")
+    check_one_horizon(from_file, f" in --config {config_file}")
     for flag, other in (("steps", "epochs"), ("epochs", "steps")):
         if flag in flags:  # a flag replaces the file's horizon, whichever of the two the file gave
             from_file.pop(other, None)
@@ -173,11 +173,17 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     return RunConfig(**merged)
 
 
-def _check_one_horizon(options: dict[str, Any], where: str) -> None:
+def check_one_horizon(options: dict[str, Any], where: str = "") -> None:
     """--epochs and --steps both define T; given together, one would be silently ignored."""
     if "steps" in options and "epochs" in options:
         raise BadInput(f"--epochs {options['epochs']} and --steps {options['steps']} given together{where}: give one "
                        f"of them (--steps {options['steps']} would have been used and --epochs ignored)")
+
+
+def check_clip(clip: float) -> None:
+    """A clipping bound the float32 arithmetic can keep every contribution under (see ``MIN_CLIP``)."""
+    if not (clip >= MIN_CLIP and math.isfinite(clip)):
+        raise BadInput(f"--clip {clip}: must be a finite number >= {MIN_CLIP:g}")
 
 
 def is_private(mech: str) -> bool:
@@ -206,8 +212,7 @@ def validate_options(cfg: RunConfig) -> None:
         raise BadInput(f"--epochs {cfg.epochs}: must be positive")
     if not cfg.lr > 0:
         raise BadInput(f"--lr {cfg.lr}: must be positive")
-    if not (cfg.clip >= MIN_CLIP and math.isfinite(cfg.clip)):
-        raise BadInput(f"--clip {cfg.clip}: must be a finite number >= {MIN_CLIP:g}")
+    check_clip(cfg.clip)
     if not 0 <= cfg.momentum < 1:
         raise BadInput(f"--momentum {cfg.momentum}: must be in [0, 1)")
     if cfg.optimizer not in ("sgd", "adam"):

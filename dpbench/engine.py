@@ -1,9 +1,9 @@
 """The one training loop every mechanism shares.
 
 Per logical step: the mechanism's sampler draws a batch (Poisson at rate q = B/N by default), the
-batch is split into physical chunks for memory, Opacus computes per-sample gradients, and the
-mechanism's optimizer transforms, accumulates, adds noise and updates. Everything a mechanism does
-differently happens inside its own hooks (``dpbench.mechanisms.base``).
+batch is split into physical chunks for memory (``dpbench.step``), Opacus computes per-sample
+gradients, and the engine's step object accumulates, releases and updates through the mechanism's
+methods (``dpbench.mechanisms.base``). Seeding and checkpoints are ``dpbench.runstate``'s.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from dpbench.pipeline import prepare
 from dpbench.progress import TrainingProgress
 from dpbench.runstate import RunState
 from dpbench.step import Batches, nonprivate_step, private_step
-from dpbench.results import append_row, run_record_path, write_json_atomic
+from dpbench.results import append_row, run_record_path
+from dpbench.storage import write_json_atomic
 
 DEFAULT_PHYSICAL_BATCH = 1024
 

@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from dpbench.config import RunConfig, check_writable, validate, validate_options
-from dpbench.data import DatasetBundle, load_dataset
+from dpbench.config import (RunConfig, check_clip, check_one_horizon, check_writable, resolve, validate,
+                            validate_options)
+from dpbench.data import DATASETS, DatasetBundle, load_dataset
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import Mechanism
@@ -36,8 +37,6 @@ def resolve_device(name: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise BadInput(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
-
-
 
 
 @dataclass
@@ -116,13 +115,10 @@ def plan_accounting(mech: str, *, params: dict, dataset: str | None = None, n: i
     With a dataset (``mnist`` unless only ``n`` is given) the recipe and the flags merge as for ``run``
     (``config.resolve``); with ``n`` alone every value comes from the flags.
     """
-    from dpbench.config import MIN_CLIP, resolve
-    from dpbench.data import DATASETS
-
     if (eps is None) == (sigma is None):
         raise BadInput("give exactly one of --eps and --sigma")
-    if clip is not None and not (clip >= MIN_CLIP and math.isfinite(clip)):
-        raise BadInput(f"--clip {clip}: must be a finite number >= {MIN_CLIP:g}")
+    if clip is not None:
+        check_clip(clip)
     if not 0 < delta < 1:
         raise BadInput(f"--delta {delta}: must be in (0, 1)")
     if n is None or dataset is not None:
@@ -132,9 +128,7 @@ def plan_accounting(mech: str, *, params: dict, dataset: str | None = None, n: i
         batch_size, clip, epochs, steps = cfg.batch_size, cfg.clip, cfg.epochs, cfg.steps
         size = n if n is not None else DATASETS.entry(cfg.dataset).meta["train_size"]
     else:
-        if epochs is not None and steps is not None:
-            raise BadInput(f"--epochs {epochs:g} and --steps {steps} given together: give one of them "
-                           f"(--steps {steps} would have been used and --epochs ignored)")
+        check_one_horizon({k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None})
         size = n
     mechanism = get_mechanism(mech)(**params)
     if size <= 0:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dpbench.errors import BadInput
-from dpbench.storage import write_json_atomic, write_text_atomic  # noqa: F401 (write_json_atomic: re-exported)
+from dpbench.storage import write_text_atomic
 
 #: Required columns, in this order (design.md); more may follow.
 COLUMNS: tuple[str, ...] = (
@@ -82,6 +82,12 @@ def format_row(row: dict[str, Any], columns: tuple[str, ...] = ALL_COLUMNS,
     return buf.getvalue()
 
 
+def _header(columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(columns)
+    return buf.getvalue()
+
+
 def existing_columns(path: Path) -> tuple[str, ...] | None:
     """The header of an existing CSV, or None when the file is absent or empty."""
     if not path.exists() or path.stat().st_size == 0:
@@ -121,7 +127,7 @@ def append_row(path: str | Path, row: dict[str, Any], schema: CsvSchema = RUNS) 
                 continue
             data = format_row(row, cols, schema.required)
             if os.fstat(fd).st_size == 0:
-                data = format_row(dict(zip(cols, cols)), cols, ()) + data
+                data = _header(cols) + data
             os.write(fd, data.encode())
             os.fsync(fd)
             return

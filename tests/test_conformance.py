@@ -96,3 +96,22 @@ def test_a_bad_name_or_parameter_is_bad_input():
     assert CliRunner().invoke(app, ["check", "dpsdg"]).exit_code == 2
     res = CliRunner().invoke(app, ["check", "auto_s", "--set", "gamma=-1"])
     assert res.exit_code == 2 and "gamma" in res.output
+
+
+class Underdeclared(DPSGD):
+    """Halves its noise and claims so in ``noise_std``, under DP-SGD's (sampled-Gaussian) accountant."""
+
+    name = "underdeclared"
+
+    def noise(self, summed, release):  # noqa: ANN001
+        std = 0.5 * release.noise_multiplier * self.sensitivity(release.max_grad_norm)
+        return [s + release.gaussian(std, s) for s in summed]
+
+    def noise_std(self, noise_multiplier, clip):  # noqa: ANN001
+        return 0.5 * noise_multiplier * self.sensitivity(clip)
+
+
+def test_a_noise_std_that_agrees_with_too_little_noise_does_not_fool_the_check(monkeypatch):
+    monkeypatch.setitem(MECHANISMS._entries, "underdeclared", Entry("underdeclared", Underdeclared, {"plugin": "tests"}))
+    noise = {p.name: p for p in run_checks("underdeclared")}["noise"]
+    assert not noise.ok and "0.50" in noise.detail

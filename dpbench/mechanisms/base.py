@@ -302,7 +302,11 @@ class Mechanism:
 
     # -- 3. noise --------------------------------------------------------------------------------
     def noise(self, summed: list[torch.Tensor], release: DPBenchOptimizer) -> list[torch.Tensor]:
-        """The released sum: Gaussian noise of std ``noise_multiplier * sensitivity(C)`` on every coordinate."""
+        """The released sum: Gaussian noise of std ``noise_multiplier * sensitivity(C)`` on every coordinate.
+
+        The scale is the accountant's assumption itself, not ``noise_std``: that one is only a declaration
+        which ``dpbench check`` compares the measured noise with, so a wrong one must not change the noise.
+        """
         std = release.noise_multiplier * self.sensitivity(release.max_grad_norm)
         return [s + release.gaussian(std, s) for s in summed]
 

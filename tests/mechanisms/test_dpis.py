@@ -117,7 +117,6 @@ def test_released_normaliser_is_floored_and_matches_the_norm_sum():
 
 def test_every_kept_term_has_norm_k_hat_over_b():
     mech, ctx = make_problem(candidate_rate=1, sigma_k=math.inf)
-    opt = ctx.optimizer
     norms = per_sample_clipped(ctx).norm(dim=1)
     for i in (0, 5, 23):
         mech.k_hat = BATCH * float(norms[i])  # probability exactly 1 for this candidate
@@ -133,7 +132,6 @@ def test_every_kept_term_has_norm_k_hat_over_b():
 ])
 def test_noiseless_estimate_is_unbiased_for_the_mean_clipped_gradient(params, k_hat_factor):
     mech, ctx = make_problem(**params)
-    opt = ctx.optimizer
     rates = mech.rates(BATCH / N)
     clipped = per_sample_clipped(ctx)
     target = clipped.sum(0) / N
@@ -179,7 +177,6 @@ def test_noise_scale_is_sigma_g_k_hat_over_b_whatever_the_batch():
 
 def test_empty_candidate_set_and_empty_draw_release_only_noise():
     mech, ctx = make_problem(sigma_k=math.inf, noise=1.0)
-    opt = ctx.optimizer
     mech.k_hat = mech.floor(CLIP, BATCH)
     grad = estimate(ctx, torch.tensor([], dtype=torch.long))
     assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0 and mech.drawn_per_step[-1] == 0
@@ -288,7 +285,6 @@ def test_normalised_step_rescales_the_estimate_by_base_clip_over_current_clip(no
         mech.begin_step(ctx, step)
     clip_t = mech.trace[-1]["clip"]
     assert clip_t != pytest.approx(CLIP)  # the problem's norms do move C
-    opt = ctx.optimizer
     assert mech.step_scale == (CLIP / clip_t if normalise else 1.0)
     mech.k_hat = 2.0 * mech.floor(clip_t, BATCH)
     got = estimate(ctx, torch.arange(N))
@@ -319,7 +315,6 @@ def test_kept_terms_of_underflowing_gradients_still_have_norm_k_hat_over_b():
     # too small, and the weight K^/(B n_i) would then push the term past its sensitivity K^/B.
     mech, ctx = make_problem(candidate_rate=1, sigma_k=math.inf)
     ctx.train_x.mul_(1e-25)
-    opt = ctx.optimizer
     norms = per_sample_clipped(ctx).double().norm(dim=1)
     assert 0 < float(norms[0]) < 1e-20
     for i in (0, 23):
