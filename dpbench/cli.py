@@ -42,11 +42,14 @@ DataDirOption = Annotated[Optional[str], typer.Option(help="offline data folder 
 SetOption = Annotated[list[str], typer.Option("--set", help="mechanism parameter key=value (repeatable)")]
 ForceOption = Annotated[bool, typer.Option("--force", help="allow delta >= 1/N")]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bar or progress lines")]
+GradSampleOption = Annotated[Optional[str], typer.Option(help=(
+    "per-sample gradients: fast (book-keeping: norms without materialising them where a layer allows; the "
+    "default) or reference (Opacus' per-sample gradients); both give the same update up to float rounding"))]
 
 
 #: The flags of run and audit that become RunConfig fields.
 TRAINING_FLAGS = ("mech", "dataset", "model", "eps", "delta", "epochs", "steps", "batch_size", "physical_batch_size",
-                  "lr", "optimizer", "momentum", "clip", "seed", "secure", "device", "data_dir", "force")
+                  "lr", "optimizer", "momentum", "clip", "seed", "secure", "device", "data_dir", "force", "grad_sample")
 
 
 def _training_options(flags: dict[str, Any], out: str | None) -> dict[str, Any]:
@@ -69,6 +72,7 @@ def run(
     steps: StepsOption = None,
     batch_size: BatchSizeOption = None,
     physical_batch_size: PhysicalBatchOption = None,
+    grad_sample: GradSampleOption = None,
     lr: LrOption = None,
     optimizer: OptimizerOption = None,
     momentum: MomentumOption = None,
@@ -325,6 +329,7 @@ def audit(
     steps: StepsOption = None,
     batch_size: BatchSizeOption = None,
     physical_batch_size: PhysicalBatchOption = None,
+    grad_sample: GradSampleOption = None,
     lr: LrOption = None,
     optimizer: OptimizerOption = None,
     momentum: MomentumOption = None,

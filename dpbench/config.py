@@ -19,11 +19,11 @@ from dpbench.errors import BadInput
 from dpbench.recipes import recipe_for
 
 #: Smallest accepted clipping bound: below it float32 products of per-sample gradients reach the subnormal
-#: range, where rounding is no longer relative and a contribution could pass C (mechanisms/norms.py).
+#: range, where rounding is no longer relative and a contribution could pass C (persample/norms.py).
 MIN_CLIP = 1e-12
 
 #: Fields that do not change the result distribution and so stay out of the config hash.
-NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force")
+NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force", "grad_sample")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class RunConfig:
     out: str = "results/runs.csv"
     force: bool = False
     mech_params: dict[str, Any] = field(default_factory=dict)
+    #: How per-sample gradients are computed: "fast" (book-keeping) or "reference" (Opacus); same update.
+    grad_sample: str = "fast"
 
     def num_steps(self, n: int) -> int:
         """T = floor(E * N / B) unless --steps was given (design.md: one definition everywhere)."""
@@ -76,6 +78,8 @@ class RunConfig:
             parts.append("--secure")
         if self.force:
             parts.append("--force")
+        if self.grad_sample != "fast":
+            parts += ["--grad-sample", self.grad_sample]
         return shlex.join(parts)
 
     def hash(self, dataset_variant: str) -> str:
@@ -217,6 +221,8 @@ def validate_options(cfg: RunConfig) -> None:
         raise BadInput(f"--momentum {cfg.momentum}: must be in [0, 1)")
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInput(f"--optimizer {cfg.optimizer!r}: must be sgd or adam")
+    if cfg.grad_sample not in ("fast", "reference"):
+        raise BadInput(f"--grad-sample {cfg.grad_sample!r}: must be fast or reference")
 
 
 def validate(cfg: RunConfig, n: int) -> None:

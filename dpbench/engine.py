@@ -29,6 +29,7 @@ from dpbench.environment import LoadMeter, environment
 from dpbench.errors import BadInput
 from dpbench.mechanisms.base import Mechanism, TrainContext
 from dpbench.models import MODELS, build_model, count_parameters
+from dpbench.persample import BookKeeping, unsupported_layer
 from dpbench.pipeline import prepare
 from dpbench.progress import TrainingProgress
 from dpbench.runstate import RunState
@@ -55,6 +56,7 @@ class TrainOutcome:
     train_wall_s: float
     samples_seen: int
     final_train_loss: float
+    grad_sample: str | None = None  # the per-sample path that trained a private model
 
 
 def _base_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -98,11 +100,17 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     state.seed_model_init()
     model = new_model()
     state.after_model_init()
+    copies = max(1, data.augmentations)
+    grad_sample = None
     if mech.private:
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise BadInput(f"model {cfg.model!r} cannot be trained privately: {errors[0]}")
-        model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        grad_sample = per_sample_path(cfg, model)
+        if grad_sample == "fast":
+            model = BookKeeping(model, copies=copies)
+        else:
+            model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     model.to(device).train()
 
     # --secure: Gaussian noise hardened against floating-point attacks (2n draws, as Opacus' secure_mode); its
@@ -110,11 +118,13 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     optimizer = mech.make_optimizer(_base_optimizer(cfg, model.parameters()), noise_multiplier=noise_multiplier,
                                     max_grad_norm=cfg.clip, expected_batch_size=cfg.batch_size,
                                     generator=state.generator("noise"), secure_mode=cfg.secure)
+    if isinstance(model, BookKeeping):
+        optimizer.fast = model
     if on_optimizer is not None:
         on_optimizer(optimizer)
     sampling = state.generator("sampling", torch.device("cpu"))
     batches = Batches(data.train_x.to(device), data.train_y.to(device), physical_batch_size(cfg),
-                      data.train_transform, max(1, data.augmentations))
+                      data.train_transform, copies)
     if batches.augment is not None:
         batches.augmenter = state.generator("augmentation")
 
@@ -148,7 +158,18 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                                                                state.wall + time.perf_counter() - t0))
     wall = state.wall + time.perf_counter() - t0
     acc, test_loss = evaluate(model, data.test_x.to(device), data.test_y.to(device))
-    return TrainOutcome(model, acc, test_loss, wall, state.samples, state.ema_loss)
+    return TrainOutcome(model, acc, test_loss, wall, state.samples, state.ema_loss, grad_sample)
+
+
+def per_sample_path(cfg: RunConfig, model: nn.Module) -> str:
+    """``cfg.grad_sample``, except that a model with a layer the fast path does not cover takes the reference."""
+    if cfg.grad_sample != "fast":
+        return cfg.grad_sample
+    reason = unsupported_layer(model)
+    if reason is None:
+        return "fast"
+    warn(f"the fast per-sample path does not cover {reason}; training with --grad-sample reference (Opacus)")
+    return "reference"
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -200,6 +221,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         "optimizer": cfg.optimizer, "momentum": cfg.momentum,
         "physical_batch_size": physical_batch_size(cfg),
         "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": cfg.command(),
+        "grad_sample": outcome.grad_sample or "",
     }
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
               "model_parameters": count_parameters(outcome.model), "train_size": n,

@@ -54,8 +54,7 @@ def private_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: 
     """One noisy release and update; returns the sum of the chunks' mean losses times their sizes."""
     chunks = batches.chunks(indices)
     if not chunks:  # an empty Poisson batch still releases noise and counts as a step
-        for p in optimizer.params:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        optimizer.expect_empty_chunk()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return 0.0

@@ -43,13 +43,14 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from dpbench.errors import BadInput
-from dpbench.mechanisms.norms import bounded_factors, per_sample_norms
+from dpbench.persample.norms import bounded_factors, per_sample_norms
 from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
 from dpbench.recipes import Recipe, RecipeKey
 from dpbench.registry import did_you_mean
 
 if TYPE_CHECKING:
     from dpbench.config import RunConfig
+    from dpbench.persample import BookKeeping
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class TrainContext:
     """What the loop hands a mechanism's ``setup`` and ``begin_step`` hooks."""
 
     cfg: "RunConfig"
-    model: torch.nn.Module  # an Opacus GradSampleModule for private mechanisms
+    model: torch.nn.Module  # private: wrapped for per-sample gradients (``BookKeeping`` or Opacus' ``GradSampleModule``)
     optimizer: torch.optim.Optimizer  # what ``make_optimizer`` returned
     train_x: torch.Tensor  # the whole training split, on the device
     train_y: torch.Tensor
@@ -135,6 +136,8 @@ class DPBenchOptimizer(DPOptimizer):
 
     #: Set by the audit: returns per-parameter tensors to add to the sum, or None to add nothing.
     canary: Callable[[], list[torch.Tensor] | None] | None = None
+    #: Set by the engine on the fast path: the model's book-keeping wrapper, which replaces ``p.grad_sample``.
+    fast: "BookKeeping | None" = None
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, mechanism: "Mechanism", **kwargs: Any) -> None:
         super().__init__(optimizer, **kwargs)
@@ -144,6 +147,9 @@ class DPBenchOptimizer(DPOptimizer):
     def take_per_sample_gradients(self, masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """This chunk's per-sample gradients, one ``[n, *shape]`` tensor per parameter in its dtype; each chunk's
         once. ``masks`` (one per parameter, 0/1) are applied first, as a data-independent sparsification."""
+        if self.fast is not None:
+            grads = self.fast.per_sample_gradients()
+            return [g * m for g, m in zip(grads, masks)] if masks is not None else grads
         out = []
         for i, p in enumerate(self.params):
             _check_processed_flag(p.grad_sample)
@@ -151,6 +157,14 @@ class DPBenchOptimizer(DPOptimizer):
             out.append(grad_sample * masks[i] if masks is not None else grad_sample)
             _mark_as_processed(p.grad_sample)
         return out
+
+    def expect_empty_chunk(self) -> None:
+        """The step's batch is empty: the next take yields zero per-sample gradients (no forward ran)."""
+        if self.fast is not None:
+            self.fast.empty()
+            return
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
 
     def add_to_sum(self, contributions: list[torch.Tensor]) -> None:
         """Add one chunk's summed contribution (one tensor per parameter) to the step's sum."""
@@ -171,8 +185,13 @@ class DPBenchOptimizer(DPOptimizer):
         """Add ``sum_i f_i g_i`` to the sum, ``f_i = weight(norms)_i`` lowered so that ``||f_i g_i|| <= bound``.
 
         ``weight`` maps the float64 per-sample norms to float64 factors; ``masks`` as in
-        :meth:`take_per_sample_gradients`. Returns the norms.
+        :meth:`take_per_sample_gradients`. Returns the norms. On the fast path without masks, neither
+        the norms nor the sum needs materialised per-sample gradients.
         """
+        if self.fast is not None and masks is None:
+            norms, contributions = self.fast.clipped_sum(weight, bound)
+            self.add_to_sum(contributions)
+            return norms
         grad_samples = self.take_per_sample_gradients(masks)
         norms = per_sample_norms(grad_samples)
         weights = weight(norms) if len(norms) else torch.zeros_like(norms)
@@ -214,6 +233,26 @@ class DPBenchOptimizer(DPOptimizer):
 
     def scale_grad(self) -> None:
         """Nothing here: the mechanism's ``update`` decides how the release is applied."""
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        """Opacus' order (accumulate; unless skipped: noise, scale), without its need for ``p.grad_sample``."""
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        if self.fast is not None:
+            self.fast.clear()
 
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         if closure is not None:

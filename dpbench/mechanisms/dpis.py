@@ -62,7 +62,8 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
-from dpbench.mechanisms.norms import per_sample_norms
+from dpbench.persample import BookKeeping
+from dpbench.persample.norms import per_sample_norms
 from dpbench.privacy.dpis import DPISRates, auto_sigma_k, dpis_rdp, resolve_rates
 from dpbench.recipes import Recipe
 
@@ -93,17 +94,21 @@ def inclusion_probabilities(norms: torch.Tensor, k_hat: float, batch_size: int, 
 
 
 def clipped_norms(ctx: TrainContext, indices: torch.Tensor, clip: float) -> torch.Tensor:
-    """``min(||g_i||, C)`` for the records ``indices`` at the current parameters, by Opacus' per-sample grads.
+    """``min(||g_i||, C)`` for the records ``indices`` at the current parameters, on the run's per-sample path.
 
     Leaves no gradient state behind, so the loop's own forward/backward that follows starts clean.
     """
     params = [p for p in ctx.model.parameters() if p.requires_grad]
+    fast = ctx.model if isinstance(ctx.model, BookKeeping) else None
     out: list[torch.Tensor] = []
     for p in params:
         p.grad_sample = None
     for chunk in indices.split(ctx.physical_batch_size):
         loss = ctx.criterion(ctx.model(ctx.train_x[chunk]), ctx.train_y[chunk])
         loss.backward()
+        if fast is not None:
+            out.append(fast.norms())
+            continue
         out.append(per_sample_norms([p.grad_sample for p in params]).detach())
         for p in params:
             p.grad_sample = None

@@ -31,12 +31,11 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, PerSample, TrainContext
-from dpbench.mechanisms.norms import bounded_factors, per_sample_norms, round_toward_zero
+from dpbench.persample.norms import bounded_factors, per_sample_norms, round_toward_zero
 from dpbench.privacy.modelmix import modelmix_rdp, rho
 from dpbench.privacy.rdp import INTEGER_ORDERS
 from dpbench.recipes import Recipe
@@ -211,7 +210,7 @@ class ModelMix(Mechanism):
 
     def _second_initialisation(self, ctx: TrainContext) -> list[torch.Tensor]:
         """``w_{-1}``: a fresh initialisation of the same architecture from its own generator."""
-        inner = ctx.model._module if isinstance(ctx.model, GradSampleModule) else ctx.model
+        inner = getattr(ctx.model, "_module", ctx.model)  # the model inside the per-sample wrapper
         if ctx.build_model is None:
             raise RuntimeError("modelmix needs TrainContext.build_model for its second initialisation")
         seed = ctx.make_generator("second-init").initial_seed()

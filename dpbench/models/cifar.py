@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dpbench.errors import BadInput
 from dpbench.models import MODELS
+from dpbench.models.pooling import MaxPool2d
 
 CIFAR_DATASETS = ("cifar10", "cifar10_aug", "cifar10_aug4", "cifar10_aug8", "cifar10_aug16")
 
@@ -32,7 +33,7 @@ class CNNTanhCifar(nn.Module):
             for _ in range(2):
                 layers += [nn.Conv2d(c, width, 3, stride=1, padding=1), nn.Tanh()]
                 c = width
-            layers.append(nn.MaxPool2d(2, stride=2))
+            layers.append(MaxPool2d(2, stride=2))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Linear(128 * 4 * 4, 128), nn.Tanh(), nn.Linear(128, num_classes))
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from dpbench.errors import BadInput
 from dpbench.models import MODELS
+from dpbench.models.pooling import MaxPool2d
 
 
 class CNNTanh(nn.Module):
@@ -18,9 +19,9 @@ class CNNTanh(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 8, stride=2, padding=2)
-        self.pool1 = nn.MaxPool2d(2, stride=1)
+        self.pool1 = MaxPool2d(2, stride=1)
         self.conv2 = nn.Conv2d(16, 32, 4, stride=2)
-        self.pool2 = nn.MaxPool2d(2, stride=1)
+        self.pool2 = MaxPool2d(2, stride=1)
         self.fc1 = nn.Linear(32 * 4 * 4, 32)
         self.fc2 = nn.Linear(32, num_classes)
 

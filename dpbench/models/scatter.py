@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from dpbench.errors import BadInput
 from dpbench.models import MODELS
+from dpbench.models.pooling import MaxPool2d
 
 GROUPS = 27
 SCATTER_DATASETS = ("cifar10", "mnist", "fmnist")
@@ -53,7 +54,7 @@ class ScatterCNN(nn.Module):
         k, h, w = input_shape
         self.norm = nn.GroupNorm(GROUPS, k, affine=False)
         if (h, w) == (8, 8):
-            self.features = nn.Sequential(nn.Conv2d(k, 64, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2, stride=2),
+            self.features = nn.Sequential(nn.Conv2d(k, 64, 3, padding=1), nn.Tanh(), MaxPool2d(2, stride=2),
                                           nn.Conv2d(64, 64, 3, padding=1), nn.Tanh())
             self.classifier: nn.Module = nn.Linear(64 * 4 * 4, num_classes)
         elif (h, w) == (7, 7):

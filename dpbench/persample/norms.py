@@ -30,7 +30,7 @@ NORM_BLOCK = 64
 FACTOR_MARGIN = 2.0 ** -18
 
 
-def _blockwise_norms(flat: torch.Tensor) -> torch.Tensor:
+def blockwise_norms(flat: torch.Tensor) -> torch.Tensor:
     """Row norms of ``flat`` (n x d) in float64, from float32 norms of blocks of ``NORM_BLOCK`` coordinates."""
     n, d = flat.shape
     full = d // NORM_BLOCK
@@ -44,7 +44,12 @@ def _blockwise_norms(flat: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
-    """Global per-sample gradient norms (over all parameters), in float64, within 33 * 2^-24 relative.
+    """Global per-sample gradient norms (over all parameters), in float64, within 33 * 2^-24 relative."""
+    return per_parameter_norms(grad_samples).norm(2, dim=1)
+
+
+def per_parameter_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample gradient norms of each parameter, ``[n, parameters]`` in float64, within 33 * 2^-24 relative.
 
     Rows too small or not finite in the gradients' dtype are redone in float64 (only those rows, which
     keeps the memory of Opacus' clipping): a float32 norm of a nonzero gradient of size 1e-25 is 0, and a
@@ -52,14 +57,14 @@ def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
     """
     device = grad_samples[0].device
     flat = [g.flatten(1) for g in grad_samples]  # flatten, not reshape(-1): a chunk may hold no rows
-    norms = torch.stack([_blockwise_norms(g).to(device) for g in flat], dim=1)
+    norms = torch.stack([blockwise_norms(g).to(device) for g in flat], dim=1)
     redo = ~(norms >= TINY_NORM) | ~torch.isfinite(norms)
     if bool(redo.any()):
         for j, g in enumerate(flat):
             rows = redo[:, j]
             if bool(rows.any()):
                 norms[rows, j] = g[rows.to(g.device)].to(torch.float64).norm(2, dim=-1).to(device)
-    return norms.norm(2, dim=1)
+    return norms
 
 
 def round_toward_zero(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
