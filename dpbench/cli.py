@@ -398,6 +398,7 @@ def _parameter_count(model: str, meta: dict[str, Any]) -> str:
 def check(
     mech: str = typer.Argument(..., help="mechanism name (see 'dpbench ls mechanisms'); plugins too"),
     sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
+    grad_sample: str = typer.Option("fast", help="per-sample path the checks train on: fast or reference"),
 ) -> None:
     """Conformance checks of a mechanism, measured through the real training step on a tiny model.
 
@@ -410,7 +411,9 @@ def check(
     try:
         params = parse_sets(sets)
         get_mechanism(mech)(**params)  # unknown names and bad parameters are bad input, not a failed check
-        results = run_checks(mech, params)
+        if grad_sample not in ("fast", "reference"):
+            raise BadInput(f"--grad-sample {grad_sample!r}: must be fast or reference")
+        results = run_checks(mech, params, grad_sample)
     except BadInput as exc:
         raise fail(exc)
     if not get_mechanism(mech).private:
@@ -424,7 +427,8 @@ def check(
         out.print(f"[bold red]{mech} fails the conformance check:[/] {failed[0].name} (first of {len(failed)})",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
-    out.print(f"[green]{mech} passes all {len(results)} conformance checks[/]", highlight=False)
+    out.print(f"[green]{mech} passes all {len(results)} conformance checks[/] (per-sample path: {grad_sample})",
+              highlight=False)
 
 
 @app.command("ls")

@@ -124,13 +124,14 @@ def _parameter_settings(mech_cls: type[Mechanism], params: dict[str, Any]) -> li
     return settings
 
 
-def check_contribution(name: str, params: dict[str, Any]) -> tuple[Property, float]:
+def check_contribution(name: str, params: dict[str, Any], grad_sample: str = "fast") -> tuple[Property, float]:
     """The property, and the largest measured contribution relative to the bound (the canary must reach it)."""
     worst, worst_at = 0.0, ""
     for setting in _parameter_settings(get_mechanism(name), params):
         for clip in CLIPS:
             for label, scale in RECORD_SCALES:
-                cfg = _config(name, setting, clip=clip, batch_size=4)  # q = 1/2: the record is in some steps
+                # q = 1/2: the record is in some steps
+                cfg = _config(name, setting, grad_sample=grad_sample, clip=clip, batch_size=4)
                 seen: list[tuple[float, float]] = []
                 _train(cfg, _record_data(scale), 0.0, 6,
                        lambda mech, rel: seen.append((_flat_norm(rel), mech.sensitivity(clip))))
@@ -145,9 +146,9 @@ def check_contribution(name: str, params: dict[str, Any]) -> tuple[Property, flo
     return Property("contribution", ok, detail), worst
 
 
-def check_canary(name: str, params: dict[str, Any], largest: float) -> Property:
+def check_canary(name: str, params: dict[str, Any], largest: float, grad_sample: str = "fast") -> Property:
     """The canary (after a step, in units of the bound) is within the bound and no weaker than any real record."""
-    cfg = _config(name, params)
+    cfg = _config(name, params, grad_sample=grad_sample)
     mech, _ = _train(cfg, _record_data(1.0), 0.0, 2)
     direction = [torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(3))]
     bound = mech.sensitivity(cfg.clip)
@@ -165,13 +166,13 @@ def _accounted_std(mech: Mechanism, noise_multiplier: float, clip: float) -> flo
     return mech.noise_std(noise_multiplier, clip)
 
 
-def check_noise(name: str, params: dict[str, Any], steps: int = 150) -> Property:
+def check_noise(name: str, params: dict[str, Any], steps: int = 150, grad_sample: str = "fast") -> Property:
     """Pooled standard deviation of releases of all-zero gradients, in units of the accounted noise std.
 
     A coordinate released exactly 0 got no noise (RS's dropped coordinates): it is left out of the
     estimate, and a second run with one real record must leave it 0 too (no record may move it).
     """
-    cfg = _config(name, params, clip=0.5)
+    cfg = _config(name, params, grad_sample=grad_sample, clip=0.5)
     pure: list[torch.Tensor] = []
     _train(cfg, _record_data(0.0), 1.3, steps,
            lambda mech, rel: pure.append(torch.cat([t.flatten() for t in rel]) / _accounted_std(mech, 1.3, cfg.clip)))
@@ -202,8 +203,9 @@ def _weights(out: TrainOutcome) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in out.model.parameters()])
 
 
-def check_physical_batch(name: str, params: dict[str, Any]) -> Property:
-    runs = [_weights(_train(_config(name, params, physical_batch_size=size), _ordinary_data(), 1.0, 5)[1])
+def check_physical_batch(name: str, params: dict[str, Any], grad_sample: str = "fast") -> Property:
+    runs = [_weights(_train(_config(name, params, grad_sample=grad_sample, physical_batch_size=size),
+                            _ordinary_data(), 1.0, 5)[1])
             for size in (None, 1)]
     diff = float((runs[0] - runs[1]).abs().max())
     ok = bool(torch.allclose(runs[0], runs[1], rtol=1e-4, atol=1e-6))
@@ -211,7 +213,7 @@ def check_physical_batch(name: str, params: dict[str, Any]) -> Property:
                     + ("" if ok else ": the result depends on the physical batch size"))
 
 
-def check_empty_batch(name: str, params: dict[str, Any], steps: int = 40) -> Property:
+def check_empty_batch(name: str, params: dict[str, Any], steps: int = 40, grad_sample: str = "fast") -> Property:
     """At an expected batch of one record, some Poisson batches are empty (about e^-1 of them): each must count."""
     releases: list[float] = []
     sizes: list[int] = []
@@ -224,7 +226,7 @@ def check_empty_batch(name: str, params: dict[str, Any], steps: int = 40) -> Pro
             yield batch
 
     mech.make_sampler = recording_sampler  # type: ignore[method-assign]
-    cfg = _config(name, params, batch_size=1)
+    cfg = _config(name, params, grad_sample=grad_sample, batch_size=1)
     _train(cfg, _ordinary_data(), 1.0, steps, lambda m, rel: releases.append(_flat_norm(rel)), mech=mech)
     empty = sizes.count(0)
     ok = empty > 0 and len(sizes) == len(releases) == steps and all(r > 0 for r in releases)
@@ -232,8 +234,8 @@ def check_empty_batch(name: str, params: dict[str, Any], steps: int = 40) -> Pro
                     f"noisy releases" + ("" if ok else ": every step, an empty one too, must release noise"))
 
 
-def check_resume(name: str, params: dict[str, Any], steps: int = 6) -> Property:
-    cfg = _config(name, params)
+def check_resume(name: str, params: dict[str, Any], steps: int = 6, grad_sample: str = "fast") -> Property:
+    cfg = _config(name, params, grad_sample=grad_sample)
     straight = _weights(_train(cfg, _ordinary_data(), 1.0, steps)[1])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ck.pt"
@@ -257,11 +259,12 @@ def check_resume(name: str, params: dict[str, Any], steps: int = 6) -> Property:
                     + ("" if ok else ": state that a checkpoint does not carry (declare it in state_dict)"))
 
 
-def run_checks(name: str, params: dict[str, Any] | None = None) -> list[Property]:
-    """Every property, in order; a mechanism that is not private has none to check."""
+def run_checks(name: str, params: dict[str, Any] | None = None, grad_sample: str = "fast") -> list[Property]:
+    """Every property, in order, on per-sample path ``grad_sample``; a mechanism that is not private has none."""
     params = dict(params or {})
     if not get_mechanism(name).private:
         return []
-    contribution, largest = check_contribution(name, params)
-    return [contribution, check_canary(name, params, largest), check_noise(name, params),
-            check_physical_batch(name, params), check_empty_batch(name, params), check_resume(name, params)]
+    contribution, largest = check_contribution(name, params, grad_sample)
+    return [contribution, check_canary(name, params, largest, grad_sample),
+            check_noise(name, params, grad_sample=grad_sample), check_physical_batch(name, params, grad_sample), check_empty_batch(name, params, grad_sample=grad_sample),
+            check_resume(name, params, grad_sample=grad_sample)]

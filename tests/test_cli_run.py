@@ -138,6 +138,7 @@ BAD_INPUTS = [
     (["--mech", "dpsgd", "--eps", "3", "--epochs", "2", "--steps", "5"],
      "--epochs 2.0 and --steps 5 given together: give one of them (--steps 5 would have been used"),
     (["--mech", "dpsgd", "--eps", "3", "--checkpoint-every", "0"], "--checkpoint-every 0"),
+    (["--mech", "dpsgd", "--eps", "3", "--grad-sample", "ghost"], "--grad-sample 'ghost'"),
 ]
 
 

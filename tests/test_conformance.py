@@ -17,9 +17,10 @@ PRIVATE = [n for n in MECHANISMS.names(plugins=False) if get_mechanism(n).privat
 PARAMS = {"ged": {"k": 8, "codebook_rows": 4}}
 
 
+@pytest.mark.parametrize("grad_sample", ["fast", "reference"])
 @pytest.mark.parametrize("name", PRIVATE)
-def test_every_built_in_mechanism_passes(name):
-    results = run_checks(name, PARAMS.get(name))
+def test_every_built_in_mechanism_passes(name, grad_sample):
+    results = run_checks(name, PARAMS.get(name), grad_sample)
     assert [p.name for p in results] == ["contribution", "canary", "noise", "physical batch", "empty batch", "resume"]
     assert all(p.ok for p in results), [f"{p.name}: {p.detail}" for p in results if not p.ok]
 
@@ -96,6 +97,8 @@ def test_a_bad_name_or_parameter_is_bad_input():
     assert CliRunner().invoke(app, ["check", "dpsdg"]).exit_code == 2
     res = CliRunner().invoke(app, ["check", "auto_s", "--set", "gamma=-1"])
     assert res.exit_code == 2 and "gamma" in res.output
+    res = CliRunner().invoke(app, ["check", "dpsgd", "--grad-sample", "opacus"])
+    assert res.exit_code == 2 and "--grad-sample 'opacus'" in res.output
 
 
 class Underdeclared(DPSGD):

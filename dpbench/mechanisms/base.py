@@ -185,11 +185,11 @@ class DPBenchOptimizer(DPOptimizer):
         """Add ``sum_i f_i g_i`` to the sum, ``f_i = weight(norms)_i`` lowered so that ``||f_i g_i|| <= bound``.
 
         ``weight`` maps the float64 per-sample norms to float64 factors; ``masks`` as in
-        :meth:`take_per_sample_gradients`. Returns the norms. On the fast path without masks, neither
-        the norms nor the sum needs materialised per-sample gradients.
+        :meth:`take_per_sample_gradients`. Returns the norms. On the fast path, layers with a ghost form
+        give both without materialised per-sample gradients.
         """
-        if self.fast is not None and masks is None:
-            norms, contributions = self.fast.clipped_sum(weight, bound)
+        if self.fast is not None:
+            norms, contributions = self.fast.clipped_sum(weight, bound, masks)
             self.add_to_sum(contributions)
             return norms
         grad_samples = self.take_per_sample_gradients(masks)

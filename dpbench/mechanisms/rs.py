@@ -133,6 +133,8 @@ class RandomSparsification(Mechanism):
 
     # Masking first means the clip factor uses the norm of the sparsified gradient (spec 4.1).
     def coordinate_masks(self) -> list[torch.Tensor] | None:
+        if self.mask_history and self.mask_history[-1][2] == 0:
+            return None  # a mask that drops nothing is no mask: the step is DP-SGD's, bit for bit
         return self.keep_masks
 
     def noise(self, summed: list[torch.Tensor], release: DPBenchOptimizer) -> list[torch.Tensor]:

@@ -159,21 +159,27 @@ class BookKeeping(nn.Module):
         self._seen = {}
         return out
 
-    def _norms(self, n: int) -> tuple[Tensor, dict[int, Ghost], dict[int, dict[str, Tensor]]]:
-        """Float64 per-sample norms, with the ghost forms and materialised gradients that gave them."""
+    def _norms(self, n: int, masks: list[Tensor] | None = None
+               ) -> tuple[Tensor, dict[int, Ghost], dict[int, dict[str, Tensor]]]:
+        """Float64 per-sample norms (after ``masks``), with the ghost forms and masked gradients that gave them."""
+        by_layer: dict[int, dict[str, Tensor]] = {}
+        for (index, name), mask in zip(self._owner, masks or []):
+            by_layer.setdefault(index, {})[name] = mask
         ghosts: dict[int, Ghost] = {}
         grads: dict[int, dict[str, Tensor]] = {}
         columns: list[Tensor] = []
         for index, name in self._owner:
             if index not in ghosts and index not in grads:
-                layer = self._layers[index]
+                layer, layer_masks = self._layers[index], by_layer.get(index)
                 ghost = None
                 if index in self._seen and n:
-                    ghost = layer.rule.ghost(layer.module, self._seen[index], n, self.copies)
+                    ghost = layer.rule.ghost(layer.module, self._seen[index], n, self.copies, layer_masks)
                 if ghost is not None:
                     ghosts[index] = ghost
                 else:
                     grads[index] = self._materialised(index, n)
+                    for key, mask in (layer_masks or {}).items():
+                        grads[index][key] = grads[index][key] * mask
             if index in ghosts:
                 columns.append(ghosts[index].squared_norms[name].sqrt())
             else:
@@ -189,12 +195,16 @@ class BookKeeping(nn.Module):
         self._take()
         return self._norms(self.examples)[0]
 
-    def clipped_sum(self, weight: Callable[[Tensor], Tensor], bound: float) -> tuple[Tensor, list[Tensor]]:
+    def clipped_sum(self, weight: Callable[[Tensor], Tensor], bound: float,
+                    masks: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """(float64 per-sample norms, ``sum_i f_i g_i`` per trainable parameter), ``f_i = weight(norms)_i``
-        lowered so that ``||f_i g_i|| <= bound`` (:func:`~dpbench.persample.norms.bounded_factors`); once per backward."""
+        lowered so that ``||f_i g_i|| <= bound`` (:func:`~dpbench.persample.norms.bounded_factors`); once per backward.
+
+        ``masks`` (0/1, one per trainable parameter) zero coordinates of every ``g_i`` first (norms included).
+        """
         self._take()
         n = self.examples
-        norms, ghosts, grads = self._norms(n)
+        norms, ghosts, grads = self._norms(n, masks)
         weights = weight(norms) if n else torch.zeros_like(norms)
         factors: dict[torch.dtype, Tensor] = {}
         summed: dict[int, dict[str, Tensor]] = {}

@@ -52,8 +52,12 @@ class LayerRule:
         """Materialised per-sample gradients ``[n, *shape]`` of the module's trainable parameters."""
         raise NotImplementedError
 
-    def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int) -> "Ghost | None":
-        """Norms and weighted sums without materialising, where this rule can and it is cheaper; else None."""
+    def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int,
+              masks: dict[str, Tensor] | None = None) -> "Ghost | None":
+        """Norms and weighted sums without materialising, where this rule can and it is cheaper; else None.
+
+        ``masks`` (0/1, shaped like the parameters) zero coordinates of every per-sample gradient first.
+        """
         return None
 
 
@@ -119,17 +123,24 @@ class LinearRule(LayerRule):
         grads = _sequence_linear(a, g, copies, bias="bias" in _trainable(module, self.param_names))
         return {name: grads[name] for name in _trainable(module, self.param_names)}
 
-    def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int) -> Ghost | None:
+    def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int,
+              masks: dict[str, Tensor] | None = None) -> Ghost | None:
         if len(seen.inputs) != 1 or seen.inputs[0].dim() != 2 or copies != 1:
             return None  # seen more than once per example: the per-sample gradient is a sum of outer products
         a, g = seen.inputs[0], seen.grads[0]
         names = _trainable(module, self.param_names)
-        g_norm_sq = torch.linalg.vector_norm(g.to(torch.float64), dim=1).pow(2)
+        masks = masks or {}
+        g_squares = g.to(torch.float64).pow(2)
         squared = {}
         if "weight" in names:
-            squared["weight"] = torch.linalg.vector_norm(a.to(torch.float64), dim=1).pow(2) * g_norm_sq
+            a_squares = a.to(torch.float64).pow(2)
+            if "weight" in masks:  # ||M * (g a^T)||^2 = sum_oi M_oi g_o^2 a_i^2 for a 0/1 mask M
+                squared["weight"] = ((g_squares @ masks["weight"].to(torch.float64)) * a_squares).sum(1)
+            else:
+                squared["weight"] = a_squares.sum(1) * g_squares.sum(1)
         if "bias" in names:
-            squared["bias"] = g_norm_sq
+            bias_mask = masks.get("bias")
+            squared["bias"] = (g_squares if bias_mask is None else g_squares * bias_mask.to(torch.float64)).sum(1)
 
         def weighted_sum(factors: Tensor) -> dict[str, Tensor]:
             scaled = g * factors.to(g.dtype).unsqueeze(1)
@@ -138,7 +149,7 @@ class LinearRule(LayerRule):
                 out["weight"] = scaled.t() @ a
             if "bias" in names:
                 out["bias"] = scaled.sum(0)
-            return out
+            return {name: value * masks[name] if name in masks else value for name, value in out.items()}
 
         return Ghost(squared, weighted_sum)
 
@@ -215,18 +226,22 @@ class EmbeddingRule(LayerRule):
         out[unique] = rows
         return {"weight": out.view(n, module.num_embeddings, module.embedding_dim)}
 
-    def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int) -> Ghost | None:
+    def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int,
+              masks: dict[str, Tensor] | None = None) -> Ghost | None:
         if not _trainable(module, self.param_names):
             return Ghost({}, lambda factors: {})
         vocab = module.num_embeddings
         unique, rows = self._rows(module, seen, n, copies)
         example = torch.div(unique, vocab, rounding_mode="floor")
+        token = unique - example * vocab
+        if masks and "weight" in masks:
+            rows = rows * masks["weight"][token]
         squared = torch.zeros(n, dtype=torch.float64, device=rows.device)
         squared.index_add_(0, example, blockwise_norms(rows).pow(2))
 
         def weighted_sum(factors: Tensor) -> dict[str, Tensor]:
             table = torch.zeros_like(module.weight)
-            table.index_add_(0, unique - example * vocab, rows * factors.to(rows.dtype)[example].unsqueeze(1))
+            table.index_add_(0, token, rows * factors.to(rows.dtype)[example].unsqueeze(1))
             return {"weight": table}
 
         return Ghost({"weight": squared}, weighted_sum)

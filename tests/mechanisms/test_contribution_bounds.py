@@ -15,7 +15,7 @@ from dpbench.config import resolve
 from dpbench.mechanisms import MECHANISMS, get_mechanism
 from dpbench.mechanisms.base import TrainContext
 from dpbench.models import build_model
-from dpbench.mechanisms.norms import FACTOR_MARGIN, bounded_factors, per_sample_norms, round_toward_zero
+from dpbench.persample.norms import FACTOR_MARGIN, bounded_factors, per_sample_norms, round_toward_zero
 
 PRIVATE = [name for name in MECHANISMS.names() if get_mechanism(name).private]
 #: Small GED settings, so that its codebook is quick to draw; the bound logic is the same.
