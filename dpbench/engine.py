@@ -22,6 +22,7 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from rich.console import Console
 
+from dpbench.allocator import keep_freed_memory
 from dpbench.checkpoint import Checkpointer, checkpoint_path
 from dpbench.config import RunConfig
 from dpbench.data import DatasetBundle
@@ -93,6 +94,7 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
     With a ``checkpointer`` the state is saved every few minutes; ``resume`` continues from it.
     ``model_factory`` replaces the registry's ``cfg.model`` (the conformance checks use a tiny model).
     """
+    keep_freed_memory()
     n = data.train_size
     q = cfg.sample_rate(n)
     state = RunState(cfg.seed, cfg.secure, device)
@@ -146,19 +148,27 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for step, indices in enumerate(sampler, start=start):
             mech.begin_step(ctx, step)
-            idx = torch.as_tensor(indices, dtype=torch.long, device=device)
+            idx = _to_device(indices, device)
             if mech.private:
                 loss_sum = private_step(model, optimizer, criterion, batches, idx)
             else:
                 loss_sum = nonprivate_step(model, optimizer, batches, idx, cfg.batch_size)
             state.record(len(idx), loss_sum)
-            progress.update(state.step, state.ema_loss, state.samples - samples_before)
+            progress.update(state.step, lambda: state.ema_loss, state.samples - samples_before)
             if checkpointer is not None and state.step < steps:
                 checkpointer.maybe_save(lambda: state.snapshot(model, optimizer, mech,
                                                                state.wall + time.perf_counter() - t0))
     wall = state.wall + time.perf_counter() - t0
     acc, test_loss = evaluate(model, data.test_x.to(device), data.test_y.to(device))
     return TrainOutcome(model, acc, test_loss, wall, state.samples, state.ema_loss, grad_sample)
+
+
+def _to_device(indices: list[int], device: torch.device) -> torch.Tensor:
+    """A batch's indices on the device; to a GPU from pinned memory, without waiting for its queue."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
 
 
 def per_sample_path(cfg: RunConfig, model: nn.Module) -> str:

@@ -12,7 +12,7 @@ import math
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -21,6 +21,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 #: Seconds from the first step to the first plain line, and between later lines.
 FIRST_LINE_S = 10.0
 EVERY_S = 30.0
+#: Seconds between updates of the loss on the bar.
+BAR_LOSS_EVERY_S = 1.0
 #: Every plain progress line starts with this.
 PLAIN_PREFIX = "step "
 
@@ -51,7 +53,9 @@ class TrainingProgress:
         self.terminal = terminal if terminal is not None else bool(getattr(self.stream, "isatty", lambda: False)())
         self.first_line_s = FIRST_LINE_S if first_line_s is None else first_line_s
         self.every_s = EVERY_S if every_s is None else every_s
-        self.step, self.loss, self.samples = completed, float("nan"), 0
+        self.step, self.samples = completed, 0
+        self._loss: float | Callable[[], float] = float("nan")
+        self._bar_loss_at = 0.0
         self._bar: Progress | None = None
         self._task: Any = None
         self._stop = threading.Event()
@@ -83,11 +87,24 @@ class TrainingProgress:
             if exc_type is None:
                 self._print_line()
 
-    def update(self, step: int, loss: float, samples: int) -> None:
-        """``step`` logical steps done in all (resumed ones included), ``samples`` seen since this process began."""
-        self.step, self.loss, self.samples = step, loss, samples
+    def update(self, step: int, loss: float | Callable[[], float], samples: int) -> None:
+        """``step`` logical steps done in all (resumed ones included), ``samples`` seen since this process began.
+
+        ``loss`` may be a function, called only when a line or the bar shows it: reading a loss that is still
+        being computed on a GPU would make every step wait.
+        """
+        self.step, self._loss, self.samples = step, loss, samples
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, loss=loss)
+            now = time.monotonic()
+            if now - self._bar_loss_at >= BAR_LOSS_EVERY_S or step >= self.total:
+                self._bar_loss_at = now
+                self._bar.update(self._task, completed=step, loss=self.loss)
+            else:
+                self._bar.update(self._task, completed=step)
+
+    @property
+    def loss(self) -> float:
+        return self._loss() if callable(self._loss) else self._loss
 
     # -- plain lines -------------------------------------------------------------------------------
     def line(self) -> str:
@@ -96,7 +113,8 @@ class TrainingProgress:
         done = self.step - self.start_step
         rate = self.samples / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.step) * elapsed / done if done > 0 else float("nan")
-        loss = "-" if math.isnan(self.loss) else f"{self.loss:.4f}"
+        value = self.loss
+        loss = "-" if math.isnan(value) else f"{value:.4f}"
         return (f"{PLAIN_PREFIX}{self.step}/{self.total}  loss {loss}  {rate:.0f} samples/s  "
                 f"ETA {format_duration(eta)}  ({self.label})")
 

@@ -41,8 +41,14 @@ class RunState:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     step: int = 0  # logical steps done
     samples: int = 0  # records trained on
-    ema_loss: float = float("nan")
+    #: Moving average of the training loss; a tensor on the device while training, so steps need not wait for it.
+    ema: float | torch.Tensor = float("nan")
     wall: float = 0.0  # training seconds before this process
+
+    @property
+    def ema_loss(self) -> float:
+        """The moving average as a number (waits for the device)."""
+        return float(self.ema)
 
     def seed_model_init(self) -> None:
         """torch's global generator for the model's initial weights (derived from --seed in every mode)."""
@@ -59,13 +65,19 @@ class RunState:
         self.generators[purpose] = make_generator(self.seed, purpose, on or self.device, self.secure)
         return self.generators[purpose]
 
-    def record(self, batch: int, loss_sum: float) -> None:
-        """Count one finished step of ``batch`` records whose losses sum to ``loss_sum``."""
+    def record(self, batch: int, loss_sum: float | torch.Tensor) -> None:
+        """Count one finished step of ``batch`` records whose losses sum to ``loss_sum`` (a number or a tensor)."""
         self.step += 1
         self.samples += batch
-        if batch:
-            mean = loss_sum / batch
-            self.ema_loss = mean if math.isnan(self.ema_loss) else 0.95 * self.ema_loss + 0.05 * mean
+        if not batch:
+            return
+        mean = loss_sum / batch
+        if isinstance(mean, torch.Tensor) or isinstance(self.ema, torch.Tensor):
+            mean = torch.as_tensor(mean, dtype=torch.float64)
+            ema = torch.as_tensor(self.ema, dtype=torch.float64, device=mean.device)
+            self.ema = torch.where(torch.isnan(ema), mean, 0.95 * ema + 0.05 * mean)  # no wait for the device
+        else:
+            self.ema = mean if math.isnan(self.ema) else 0.95 * self.ema + 0.05 * mean
 
     def restore(self, checkpointer: Checkpointer, model: nn.Module, optimizer: torch.optim.Optimizer,
                 mech: Any) -> bool:
@@ -81,7 +93,7 @@ class RunState:
                 self.generators[purpose].set_state(g_state)
             if "torch_rng" in state:
                 torch.set_rng_state(state["torch_rng"])
-        self.step, self.samples, self.ema_loss, self.wall = state["step"], state["samples"], state["ema_loss"], state["wall"]
+        self.step, self.samples, self.ema, self.wall = state["step"], state["samples"], state["ema_loss"], state["wall"]
         return True
 
     def snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer, mech: Any, wall: float) -> dict[str, Any]:

@@ -50,22 +50,23 @@ class Batches:
 
 
 def private_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, batches: Batches,
-                 indices: torch.Tensor) -> float:
-    """One noisy release and update; returns the sum of the chunks' mean losses times their sizes."""
+                 indices: torch.Tensor) -> float | torch.Tensor:
+    """One noisy release and update; returns the sum of the chunks' mean losses times their sizes (on the device:
+    reading it would make the host wait for the step)."""
     chunks = batches.chunks(indices)
     if not chunks:  # an empty Poisson batch still releases noise and counts as a step
         optimizer.expect_empty_chunk()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return 0.0
-    total = 0.0
+    total: float | torch.Tensor = 0.0
     for j, chunk in enumerate(chunks):
         xc, yc = batches.inputs(chunk)
         loss = criterion(model(xc), yc)
         loss.backward()
         if batches.copies > 1:
             average_augmentations(optimizer.params, batches.copies)
-        total += float(loss.detach()) * len(chunk)
+        total = total + loss.detach() * len(chunk)
         if j < len(chunks) - 1:  # accumulate: only the last chunk releases and updates
             optimizer.signal_skip_step(do_skip=True)
         optimizer.step()
@@ -74,14 +75,14 @@ def private_step(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: 
 
 
 def nonprivate_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, indices: torch.Tensor,
-                    batch_size: int) -> float:
+                    batch_size: int) -> float | torch.Tensor:
     """One plain update, scaled as the private path scales (sum of losses over the expected batch size)."""
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total: float | torch.Tensor = 0.0
     for chunk in batches.chunks(indices):
         xc, yc = batches.inputs(chunk)
         loss = nn.functional.cross_entropy(model(xc), yc, reduction="sum") / (batch_size * batches.copies)
         loss.backward()
-        total += float(loss.detach()) * batch_size
+        total = total + loss.detach() * batch_size
     optimizer.step()
     return total

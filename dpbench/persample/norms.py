@@ -48,7 +48,7 @@ def per_sample_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
     return per_parameter_norms(grad_samples).norm(2, dim=1)
 
 
-def per_parameter_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
+def per_parameter_norms(grad_samples: list[torch.Tensor], branch_free: bool | None = None) -> torch.Tensor:
     """Per-sample gradient norms of each parameter, ``[n, parameters]`` in float64, within 33 * 2^-24 relative.
 
     Rows too small or not finite in the gradients' dtype are redone in float64 (only those rows, which
@@ -59,6 +59,12 @@ def per_parameter_norms(grad_samples: list[torch.Tensor]) -> torch.Tensor:
     flat = [g.flatten(1) for g in grad_samples]  # flatten, not reshape(-1): a chunk may hold no rows
     norms = torch.stack([blockwise_norms(g).to(device) for g in flat], dim=1)
     redo = ~(norms >= TINY_NORM) | ~torch.isfinite(norms)
+    if device.type != "cpu" if branch_free is None else branch_free:
+        # no branch on the data (the default off the CPU): a GPU would have to finish the step before the host decides
+        for j, g in enumerate(flat):
+            exact = torch.where(redo[:, j:j + 1], g, 0).to(torch.float64).norm(2, dim=-1)
+            norms[:, j] = torch.where(redo[:, j], exact, norms[:, j])
+        return norms
     if bool(redo.any()):
         for j, g in enumerate(flat):
             rows = redo[:, j]

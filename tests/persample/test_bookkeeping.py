@@ -268,3 +268,18 @@ def test_eps_and_the_row_do_not_depend_on_the_path(name, tmp_path):
     assert "--grad-sample reference" in rows["reference"]["command"]
     assert "--grad-sample" not in rows["fast"]["command"]
     assert math.isclose(rows["fast"]["test_loss"], rows["reference"]["test_loss"], rel_tol=1e-4)
+
+
+def test_the_gpu_norms_without_data_dependent_branches_equal_the_cpu_ones():
+    from dpbench.persample.norms import per_parameter_norms
+
+    g = torch.randn(6, 300)
+    g[1] = 1e-25  # float32 squares underflow: redone in float64
+    g[2, 5] = float("inf")
+    g[3] = 0.0
+    other = torch.randn(6, 7)
+    branching = per_parameter_norms([g, other], branch_free=False)
+    free = per_parameter_norms([g, other], branch_free=True)
+    assert torch.equal(branching, free)
+    assert math.isclose(float(free[1, 0]), float(torch.tensor(1e-25)) * math.sqrt(300), rel_tol=1e-12)
+    assert math.isinf(float(free[2, 0])) and float(free[3, 0]) == 0.0
