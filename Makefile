@@ -61,8 +61,10 @@ audit: install
 report: install
 	@for f in results/*/runs.csv; do $(VENV)/bin/dpbench report $$f -o $${f%runs.csv}report.md --title "dpbench: $$(basename $$(dirname $$f))"; done
 
+# The engine's cost against non-private training for every model of the speed targets (about an hour on 1 core).
+BENCH_OUT ?= results/perf/cpu_$(shell date +%Y%m%d)
 bench: install
-	$(PY) benchmarks/bench_overhead.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/perf_table.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,9 +5,11 @@ round with the non-private control, so the ratios are comparable even on a busy 
 processes' load is reported). Warm-up steps are excluded: a step's time runs from one step's start to
 the next (timestamps from the mechanism's ``begin_step``), counted only after ``--warmup`` steps.
 Peak memory is measured apart, one fresh process per mechanism (an allocator that has served earlier runs
-hides their growth): the largest resident set during training (sampled every 2 ms) above the one before.
+hides their growth): the largest resident set during training (sampled every 2 ms) above the one before;
+on a GPU, the peak of torch's allocated device memory above the one before.
 
     python benchmarks/bench_overhead.py [--dataset mnist] [--model M] [--mech dpsgd,dpis] [--steps 20] [--json]
+                                        [--grad-sample fast|reference] [--device cuda]
 """
 
 from __future__ import annotations
@@ -87,15 +89,21 @@ def measure(cfg, data, device: torch.device, warmup: int, steps: int) -> tuple[f
 
     mech.begin_step, mech.make_sampler = timed_begin_step, counted_sampler
     total = warmup + steps + 1  # one more step: its start ends the last measured one
+    if device.type == "cuda":  # device memory: the peak allocated by torch above what was allocated before
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     with PeakRss() as memory:
         train(cfg, mech, data, 1.0 if mech.private else 0.0, total, device, show_progress=False)
-    return starts[warmup + steps] - starts[warmup], sum(sizes[warmup:warmup + steps]), memory.extra
+    extra = memory.extra if device.type != "cuda" else torch.cuda.max_memory_allocated(device) - before
+    return starts[warmup + steps] - starts[warmup], sum(sizes[warmup:warmup + steps]), extra
 
 
 def memory_of(name: str, args: argparse.Namespace) -> int:
     """Peak extra resident bytes of one mechanism's training, measured in a fresh process."""
     cmd = [sys.executable, __file__, "--dataset", args.dataset, "--mech", name, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--device", args.device, "--memory-of", name]
+           "--warmup", str(args.warmup), "--device", args.device, "--memory-of", name,
+           "--grad-sample", args.grad_sample]
     for flag, value in (("--model", args.model), ("--data-dir", args.data_dir)):
         if value:
             cmd += [flag, value]
@@ -112,6 +120,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps per round not measured")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all mechanisms")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--grad-sample", default="fast", choices=("fast", "reference"),
+                    help="per-sample path of the private mechanisms")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", action="store_true", help="print only a JSON list of results")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child of memory_of()
@@ -123,7 +133,7 @@ def main() -> None:
         options = {"mech": name, "dataset": args.dataset, "eps": 3.0, "steps": args.steps, "device": args.device}
         if args.model:
             options["model"] = args.model
-        configs[name] = dataclasses.replace(resolve(options), data_dir=args.data_dir)
+        configs[name] = dataclasses.replace(resolve(options), data_dir=args.data_dir, grad_sample=args.grad_sample)
     # the same model and batch size for every mechanism: the non-private control's recipe
     model, batch_size = configs["nonprivate"].model, configs["nonprivate"].batch_size
     data = prepare_for_model(load_dataset(args.dataset, args.data_dir), model, device)
@@ -149,7 +159,8 @@ def main() -> None:
              "ratio_vs_nonprivate": round(seconds[n] / samples[n] / base_time, 3),
              "peak_mem_mb": round(peak[n] / 2**20, 1),
              "peak_mem_ratio": round(peak[n] / max(peak["nonprivate"], 1), 3),
-             "steps": args.steps * args.rounds, "threads": torch.get_num_threads(), "device": args.device}
+             "steps": args.steps * args.rounds, "threads": torch.get_num_threads(), "device": args.device,
+             "grad_sample": args.grad_sample if n != "nonprivate" else None}
             for n in names]
     load = meter.other_load()
     if args.json:

@@ -1,7 +1,7 @@
 """The one training loop every mechanism shares.
 
 Per logical step: the mechanism's sampler draws a batch (Poisson at rate q = B/N by default), the
-batch is split into physical chunks for memory (``dpbench.step``), Opacus computes per-sample
+batch is split into physical chunks for memory (``dpbench.step``), ``dpbench.persample`` computes per-sample
 gradients, and the engine's step object accumulates, releases and updates through the mechanism's
 methods (``dpbench.mechanisms.base``). Seeding and checkpoints are ``dpbench.runstate``'s.
 """

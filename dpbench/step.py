@@ -1,6 +1,6 @@
 """One logical training step: a sampled batch split into physical chunks, empty batches included.
 
-The private step runs every chunk's forward and backward (Opacus computes per-sample gradients) and
+The private step runs every chunk's forward and backward (the per-sample path keeps what it needs) and
 lets the mechanism's optimizer transform and accumulate them; only the last chunk's ``step`` releases
 the noisy sum and updates. An empty Poisson batch still releases noise and counts as a step.
 """
