@@ -151,6 +151,7 @@ def main() -> None:
             s, n, _ = measure(cfg, data, device, args.warmup, args.steps)
             seconds[name] += s
             samples[name] += n
+    load = meter.other_load()  # before the memory runs: they are our own child processes
     for name in names:
         peak[name] = memory_of(name, args)
     base_time = seconds["nonprivate"] / samples["nonprivate"]
@@ -160,9 +161,9 @@ def main() -> None:
              "peak_mem_mb": round(peak[n] / 2**20, 1),
              "peak_mem_ratio": round(peak[n] / max(peak["nonprivate"], 1), 3),
              "steps": args.steps * args.rounds, "threads": torch.get_num_threads(), "device": args.device,
-             "grad_sample": args.grad_sample if n != "nonprivate" else None}
+             "grad_sample": args.grad_sample if n != "nonprivate" else None,
+             "other_load": None if load is None else round(load, 2)}
             for n in names]
-    load = meter.other_load()
     if args.json:
         json.dump(rows, sys.stdout)
         sys.stdout.write("\n")

@@ -19,8 +19,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dpbench.environment import LoadMeter  # noqa: E402
-
 ALL_MECHS = "dpsgd,dpis,modelmix,auto_s,psac,psasc,rs,ged"
 #: (dataset, model, mechanisms, target time/sample of dpsgd vs non-private) of the speed targets.
 CONFIGS = [
@@ -48,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
     bench = Path(__file__).with_name("bench_overhead.py")
-    rows, commands, meter, t0 = [], [], LoadMeter(), time.time()
+    rows, commands, t0 = [], [], time.time()
     for dataset, model, mechs, _ in CONFIGS:
         if only and model not in only:
             continue
@@ -62,25 +60,26 @@ def main() -> None:
             raise SystemExit(f"failed: {shown}")
         rows += json.loads(done.stdout.strip().splitlines()[-1])
         commands.append(shown)
-    load = meter.other_load()
-    out = Path(args.out)
+        write(Path(args.out), rows, commands, t0)  # after each configuration: a killed table keeps its rows
+    print(Path(args.out).with_suffix(".md").read_text())
+
+
+def write(out: Path, rows: list[dict], commands: list[str], t0: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": os.environ.get("OMP_NUM_THREADS"),
-            "other_load": load, "minutes": round((time.time() - t0) / 60, 1), "commands": commands}
+            "minutes": round((time.time() - t0) / 60, 1), "commands": commands}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     dpsgd = {(r["dataset"], r["model"]): r["ratio_vs_nonprivate"] for r in rows if r["mech"] == "dpsgd"}
     targets = {(d, m): t for d, m, _, t in CONFIGS}
-    lines = [f"Machine: {meta['machine']}; OMP_NUM_THREADS={meta['threads']}; other processes' load during the "
-             f"run: {meta['other_load'] if meta['other_load'] is None else round(meta['other_load'], 2)} cores; "
-             f"{meta['minutes']} min.", "",
+    lines = [f"Machine: {meta['machine']}; OMP_NUM_THREADS={meta['threads']}; {meta['minutes']} min. Other load: "
+             "the other processes' average CPU use (cores) while the configuration's times were measured.", "",
              "| dataset | model | mechanism | per-sample path | B | samples/s | time/sample vs non-private | "
-             "vs dpsgd | target | peak extra memory (MB) | vs non-private |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs dpsgd | target | peak extra memory (MB) | vs non-private | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = (r["dataset"], r["model"])
         if r["mech"] == "nonprivate":
@@ -92,7 +91,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             target = f"<= {MECH_TARGETS.get(r['mech'], OTHER_MECH_TARGET)}x dpsgd"
         lines.append(f"| {r['dataset']} | {r['model']} | {r['mech']} | {r.get('grad_sample') or '-'} | "
                      f"{r['batch_size']} | {r['samples_per_s']:.0f} | {r['ratio_vs_nonprivate']:.2f}x | {vs} | "
-                     f"{target} | {r['peak_mem_mb']:.0f} | {r['peak_mem_ratio']:.2f}x |")
+                     f"{target} | {r['peak_mem_mb']:.0f} | {r['peak_mem_ratio']:.2f}x | {r.get('other_load', '')} |")
     lines += ["", "Commands:", "", *[f"    {c}" for c in meta["commands"]], ""]
     return "\n".join(lines)
 

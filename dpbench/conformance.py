@@ -266,5 +266,6 @@ def run_checks(name: str, params: dict[str, Any] | None = None, grad_sample: str
         return []
     contribution, largest = check_contribution(name, params, grad_sample)
     return [contribution, check_canary(name, params, largest, grad_sample),
-            check_noise(name, params, grad_sample=grad_sample), check_physical_batch(name, params, grad_sample), check_empty_batch(name, params, grad_sample=grad_sample),
+            check_noise(name, params, grad_sample=grad_sample), check_physical_batch(name, params, grad_sample),
+            check_empty_batch(name, params, grad_sample=grad_sample),
             check_resume(name, params, grad_sample=grad_sample)]

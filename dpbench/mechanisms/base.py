@@ -87,7 +87,7 @@ class TrainContext:
     """What the loop hands a mechanism's ``setup`` and ``begin_step`` hooks."""
 
     cfg: "RunConfig"
-    model: torch.nn.Module  # private: wrapped for per-sample gradients (``BookKeeping`` or Opacus' ``GradSampleModule``)
+    model: torch.nn.Module  # private: wrapped for per-sample gradients (BookKeeping or Opacus' GradSampleModule)
     optimizer: torch.optim.Optimizer  # what ``make_optimizer`` returned
     train_x: torch.Tensor  # the whole training split, on the device
     train_y: torch.Tensor

@@ -147,7 +147,7 @@ class BookKeeping(nn.Module):
         return layer.rule.per_sample(layer.module, self._seen[index], n, self.copies)
 
     def per_sample_gradients(self) -> list[Tensor]:
-        """Every trainable parameter's per-sample gradients ``[n, *shape]``, in ``trainable`` order; once per backward."""
+        """Every trainable parameter's per-sample gradients ``[n, *shape]`` in ``trainable`` order; once per backward."""
         self._take()
         n = self.examples
         cache: dict[int, dict[str, Tensor]] = {}

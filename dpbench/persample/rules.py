@@ -196,7 +196,7 @@ class EmbeddingRule(LayerRule):
         return None
 
     def _rows(self, module: nn.Embedding, seen: Captured, n: int, copies: int) -> tuple[Tensor, Tensor]:
-        """The nonzero rows of every per-sample gradient: the key ``example * vocabulary + token`` of each, and the rows.
+        """(key ``example * vocabulary + token``, row) of every nonzero row of every per-sample gradient.
 
         Sorted keys and running segment numbers, not ``torch.unique``: the number of distinct keys is data that a
         GPU would have to hand back to the host. So there are as many slots as token occurrences; the slots past
