@@ -1,9 +1,10 @@
 """The one training loop every mechanism shares.
 
 Per logical step: the mechanism's sampler draws a batch (Poisson at rate q = B/N by default), the
-batch is split into physical chunks for memory (``dpbench.step``), ``dpbench.persample`` computes per-sample
-gradients, and the engine's step object accumulates, releases and updates through the mechanism's
-methods (``dpbench.mechanisms.base``). Seeding and checkpoints are ``dpbench.runstate``'s.
+batch is split into physical chunks for memory (``dpbench.step``), ``dpbench.persample`` computes
+per-sample gradients (or their norms), and the engine's step object accumulates, releases and updates
+through the mechanism's methods (``dpbench.mechanisms.base``). Seeding and checkpoints are
+``dpbench.runstate``'s.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                                     max_grad_norm=cfg.clip, expected_batch_size=cfg.batch_size,
                                     generator=state.generator("noise"), secure_mode=cfg.secure)
     if isinstance(model, BookKeeping):
+        if [id(p) for p in optimizer.params] != [id(p) for p in model.trainable]:
+            raise RuntimeError("the optimizer's parameters are not the fast path's trainable parameters, in order")
         optimizer.fast = model
     if on_optimizer is not None:
         on_optimizer(optimizer)

@@ -72,10 +72,11 @@ class RunState:
         if not batch:
             return
         mean = loss_sum / batch
-        if isinstance(mean, torch.Tensor) or isinstance(self.ema, torch.Tensor):
-            mean = torch.as_tensor(mean, dtype=torch.float64)
-            ema = torch.as_tensor(self.ema, dtype=torch.float64, device=mean.device)
-            self.ema = torch.where(torch.isnan(ema), mean, 0.95 * ema + 0.05 * mean)  # no wait for the device
+        if isinstance(mean, torch.Tensor):
+            mean = mean.double()  # device tensor arithmetic only: nothing here waits for the device
+        if isinstance(self.ema, torch.Tensor):
+            mean = mean if isinstance(mean, torch.Tensor) else torch.full_like(self.ema, mean)
+            self.ema = torch.where(torch.isnan(self.ema), mean, 0.95 * self.ema + 0.05 * mean)
         else:
             self.ema = mean if math.isnan(self.ema) else 0.95 * self.ema + 0.05 * mean
 

@@ -125,7 +125,7 @@ def gaussian_noise(std: float, like: torch.Tensor, generator: torch.Generator | 
 
 
 class DPBenchOptimizer(DPOptimizer):
-    """The engine's private step over per-sample gradients (fast path or Opacus'): each place is the mechanism's method.
+    """The engine's private step over per-sample gradients (either path): each place is the mechanism's method.
 
     Physical chunks accumulate into the step's sum (the skipped ``step`` calls); the last chunk adds
     the audit's canary, has the mechanism release the noisy sum and apply its update. Mechanisms see
