@@ -19,6 +19,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from dpbench.environment import environment  # noqa: E402
+
 ALL_MECHS = "dpsgd,dpis,modelmix,auto_s,psac,psasc,rs,ged"
 #: (dataset, model, mechanisms, target time/sample of dpsgd vs non-private) of the speed targets.
 CONFIGS = [
@@ -67,7 +69,7 @@ def main() -> None:
 def write(out: Path, rows: list[dict], commands: list[str], t0: float) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": os.environ.get("OMP_NUM_THREADS"),
-            "minutes": round((time.time() - t0) / 60, 1), "commands": commands}
+            "git_commit": environment()["git_commit"], "minutes": round((time.time() - t0) / 60, 1), "commands": commands}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(rows, meta))
 
@@ -75,7 +77,8 @@ def write(out: Path, rows: list[dict], commands: list[str], t0: float) -> None:
 def markdown(rows: list[dict], meta: dict) -> str:
     dpsgd = {(r["dataset"], r["model"]): r["ratio_vs_nonprivate"] for r in rows if r["mech"] == "dpsgd"}
     targets = {(d, m): t for d, m, _, t in CONFIGS}
-    lines = [f"Machine: {meta['machine']}; OMP_NUM_THREADS={meta['threads']}; {meta['minutes']} min. Other load: "
+    lines = [f"Machine: {meta['machine']}; OMP_NUM_THREADS={meta['threads']}; commit {meta.get('git_commit')}; "
+             f"{meta['minutes']} min. Other load: "
              "the other processes' average CPU use (cores) while the configuration's times were measured.", "",
              "| dataset | model | mechanism | per-sample path | B | samples/s | time/sample vs non-private | "
              "vs dpsgd | target | peak extra memory (MB) | vs non-private | other load |",
