@@ -217,6 +217,9 @@ class EmbeddingRule(LayerRule):
         rows = torch.zeros(len(keys), module.embedding_dim, device=grads.device, dtype=grads.dtype)
         rows.index_add_(0, slot, grads.reshape(-1, module.embedding_dim)[order])
         slot_keys = torch.zeros_like(keys).scatter_(0, slot, keys)
+        if keys.device.type == "cpu" and len(keys):  # the host knows the count at no cost: keep the used slots only
+            used = int(slot[-1]) + 1
+            slot_keys, rows = slot_keys[:used], rows[:used]
         return slot_keys, rows
 
     def per_sample(self, module: nn.Module, seen: Captured, n: int, copies: int) -> dict[str, Tensor]:
