@@ -203,8 +203,8 @@ class EmbeddingRule(LayerRule):
         the last distinct key hold zero rows under key 0, which add nothing to any norm or sum.
         """
         vocab = module.num_embeddings
-        tokens = torch.cat([t.reshape(n, -1) for t in seen.inputs], dim=1)
-        grads = torch.cat([g.reshape(n, -1, module.embedding_dim) for g in seen.grads], dim=1)
+        tokens = _joined([t.reshape(n, -1) for t in seen.inputs])
+        grads = _joined([g.reshape(n, -1, module.embedding_dim) for g in seen.grads])
         if copies > 1:
             grads = grads / copies
         if module.padding_idx is not None:  # the table's padding row gets no gradient
@@ -214,8 +214,9 @@ class EmbeddingRule(LayerRule):
         starts = torch.ones_like(keys, dtype=torch.bool)
         starts[1:] = keys[1:] != keys[:-1]
         slot = starts.cumsum(0) - 1
+        slot_of_occurrence = torch.empty_like(slot).scatter_(0, order, slot)  # the gradients stay in place
         rows = torch.zeros(len(keys), module.embedding_dim, device=grads.device, dtype=grads.dtype)
-        rows.index_add_(0, slot, grads.reshape(-1, module.embedding_dim)[order])
+        rows.index_add_(0, slot_of_occurrence, grads.reshape(-1, module.embedding_dim))
         slot_keys = torch.zeros_like(keys).scatter_(0, slot, keys)
         if keys.device.type == "cpu" and len(keys):  # the host knows the count at no cost: keep the used slots only
             used = int(slot[-1]) + 1
