@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from dpbench.config import resolve  # noqa: E402
+from dpbench.config import GRAD_SAMPLE_PATHS, resolve  # noqa: E402
 from dpbench.data import load_dataset  # noqa: E402
 from dpbench.engine import train  # noqa: E402
 from dpbench.environment import LoadMeter  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps per round not measured")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all mechanisms")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--grad-sample", default="fast", choices=("fast", "reference"),
+    ap.add_argument("--grad-sample", default="fast", choices=GRAD_SAMPLE_PATHS,
                     help="per-sample path of the private mechanisms")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--json", action="store_true", help="print only a JSON list of results")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from dpbench.config import GRAD_SAMPLE_PATHS  # noqa: E402
 from dpbench.environment import environment  # noqa: E402
 
 ALL_MECHS = "dpsgd,dpis,modelmix,auto_s,psac,psasc,rs,ged"
@@ -43,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--grad-sample", default="fast", choices=("fast", "reference"))
+    ap.add_argument("--grad-sample", default="fast", choices=GRAD_SAMPLE_PATHS)
     ap.add_argument("--only", default=None, help="comma-separated models to run (default: all)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None

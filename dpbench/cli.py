@@ -404,15 +404,14 @@ def check(
 
     One line per property; exit 0 when all hold, 1 naming the first that fails.
     """
-    from dpbench.config import parse_sets
+    from dpbench.config import check_grad_sample, parse_sets
     from dpbench.conformance import run_checks
     from dpbench.mechanisms import get_mechanism
 
     try:
         params = parse_sets(sets)
         get_mechanism(mech)(**params)  # unknown names and bad parameters are bad input, not a failed check
-        if grad_sample not in ("fast", "reference"):
-            raise BadInput(f"--grad-sample {grad_sample!r}: must be fast or reference")
+        check_grad_sample(grad_sample)
         results = run_checks(mech, params, grad_sample)
     except BadInput as exc:
         raise fail(exc)

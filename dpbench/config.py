@@ -22,6 +22,9 @@ from dpbench.recipes import recipe_for
 #: range, where rounding is no longer relative and a contribution could pass C (persample/norms.py).
 MIN_CLIP = 1e-12
 
+#: ``--grad-sample`` values: the fast book-keeping path, or Opacus' per-sample gradients (the reference).
+GRAD_SAMPLE_PATHS = ("fast", "reference")
+
 #: Fields that do not change the result distribution and so stay out of the config hash.
 NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force", "grad_sample")
 
@@ -184,6 +187,12 @@ def check_one_horizon(options: dict[str, Any], where: str = "") -> None:
                        f"of them (--steps {options['steps']} would have been used and --epochs ignored)")
 
 
+def check_grad_sample(path: str) -> None:
+    """A per-sample path that exists (``GRAD_SAMPLE_PATHS``)."""
+    if path not in GRAD_SAMPLE_PATHS:
+        raise BadInput(f"--grad-sample {path!r}: must be {' or '.join(GRAD_SAMPLE_PATHS)}")
+
+
 def check_clip(clip: float) -> None:
     """A clipping bound the float32 arithmetic can keep every contribution under (see ``MIN_CLIP``)."""
     if not (clip >= MIN_CLIP and math.isfinite(clip)):
@@ -221,8 +230,7 @@ def validate_options(cfg: RunConfig) -> None:
         raise BadInput(f"--momentum {cfg.momentum}: must be in [0, 1)")
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInput(f"--optimizer {cfg.optimizer!r}: must be sgd or adam")
-    if cfg.grad_sample not in ("fast", "reference"):
-        raise BadInput(f"--grad-sample {cfg.grad_sample!r}: must be fast or reference")
+    check_grad_sample(cfg.grad_sample)
 
 
 def validate(cfg: RunConfig, n: int) -> None:

@@ -4,7 +4,4 @@ from __future__ import annotations
 
 from dpbench.persample.bookkeeping import BookKeeping, unsupported_layer
 
-#: ``--grad-sample`` values: the fast book-keeping path, or Opacus' per-sample gradients (the reference).
-GRAD_SAMPLE_PATHS = ("fast", "reference")
-
-__all__ = ["BookKeeping", "GRAD_SAMPLE_PATHS", "unsupported_layer"]
+__all__ = ["BookKeeping", "unsupported_layer"]
