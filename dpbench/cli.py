@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dpbench.errors import BadInput
@@ -20,7 +21,7 @@ err = Console(stderr=True)
 
 
 def fail(exc: BadInput) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -46,10 +47,17 @@ GradSampleOption = Annotated[Optional[str], typer.Option(help=(
     "per-sample gradients: fast (book-keeping: norms without materialising them where a layer allows; the "
     "default) or reference (Opacus' per-sample gradients); both give the same update up to float rounding"))]
 
+ACCOUNTANT_HELP = (
+    "what calibrates the noise and gives eps_spent: rdp (the mechanism's RDP curve, as in the seed papers; the "
+    "default), pld (privacy loss distributions, Google's dp_accounting: the tightest) or prv (Opacus). pld and prv "
+    "need a release made of sampled Gaussians: modelmix and ged take rdp only")
+AccountantOption = Annotated[Optional[str], typer.Option(help=ACCOUNTANT_HELP)]
+
 
 #: The flags of run and audit that become RunConfig fields.
 TRAINING_FLAGS = ("mech", "dataset", "model", "eps", "delta", "epochs", "steps", "batch_size", "physical_batch_size",
-                  "lr", "optimizer", "momentum", "clip", "seed", "secure", "device", "data_dir", "force", "grad_sample")
+                  "lr", "optimizer", "momentum", "clip", "seed", "secure", "device", "data_dir", "force", "grad_sample",
+                  "accountant")
 
 
 def _training_options(flags: dict[str, Any], out: str | None) -> dict[str, Any]:
@@ -73,6 +81,7 @@ def run(
     batch_size: BatchSizeOption = None,
     physical_batch_size: PhysicalBatchOption = None,
     grad_sample: GradSampleOption = None,
+    accountant: AccountantOption = None,
     lr: LrOption = None,
     optimizer: OptimizerOption = None,
     momentum: MomentumOption = None,
@@ -138,7 +147,8 @@ def _print_summary(row: dict[str, Any], path: str) -> None:
     t = Table(title=f"{row['mech']} on {row['dataset']} ({row['model']})", show_header=False)
     t.add_row("test accuracy", f"{100 * row['test_acc']:.2f} %")
     t.add_row("eps spent / target", f"{_fmt(row['eps_spent'])} / {_fmt(row['eps_target'])}  (delta {row['delta']:g}, {row['accountant']})")
-    t.add_row("eps PRV / classic", f"{_fmt(row['eps_prv'])} / {_fmt(row['eps_classic'])}")
+    t.add_row("eps RDP / PLD / PRV / classic", " / ".join(_fmt(row.get(k)) for k in ("eps_rdp", "eps_pld", "eps_prv",
+                                                                                    "eps_classic")))
     t.add_row("noise multiplier", _fmt(row["noise_multiplier"]))
     rates = f"q = {row['sample_rate']:.4g}"
     if row.get("release_rate") is not None and row["release_rate"] != row["sample_rate"]:
@@ -163,17 +173,19 @@ def account(
     eps: Optional[float] = typer.Option(None, help="target eps: print the calibrated noise"),
     sigma: Optional[float] = typer.Option(None, help="noise multiplier: print the eps spent"),
     delta: float = typer.Option(1e-5),
+    accountant: str = typer.Option("rdp", help=ACCOUNTANT_HELP),
     sets: list[str] = typer.Option([], "--set", help="mechanism parameter key=value (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object only"),
 ) -> None:
-    """Print the calibrated noise for a target eps, or the eps of a given noise. Trains nothing."""
+    """Print the calibrated noise for a target eps, or the eps of a given noise, by every accountant that
+    applies. Trains nothing."""
     from dpbench.config import parse_sets
     from dpbench.pipeline import plan_accounting
 
     try:
         plan = plan_accounting(mech, params=parse_sets(sets), dataset=dataset, n=n, model=model,
                                batch_size=batch_size, clip=clip, epochs=epochs, steps=steps, eps=eps, sigma=sigma,
-                               delta=delta)
+                               delta=delta, accountant=accountant)
     except BadInput as exc:
         raise fail(exc)
     report, size, b, c, q = plan.privacy, plan.size, plan.batch_size, plan.clip, plan.q
@@ -188,10 +200,16 @@ def account(
     t_.add_row("noise multiplier", _fmt(report.noise_multiplier))
     if report.release_rate != report.sample_rate:
         t_.add_row("release rate (differing record enters the release)", _fmt(report.release_rate))
-    t_.add_row(f"eps ({report.accountant}, Opacus conversion)", f"{_fmt(report.eps)} at alpha {report.alpha:g}")
-    t_.add_row("eps (classic conversion)", _fmt(report.eps_classic))
-    t_.add_row("eps (sampled-Gaussian RDP)", _fmt(report.eps_rdp))
-    t_.add_row("eps (PRV)", _fmt(report.eps_prv))
+    what = "calibrated by" if eps is not None else "accounted by"
+    t_.add_row(f"eps ({report.accountant}: {what} {report.calibrated_by})", _fmt(report.eps))
+    if report.by_accountant:
+        labels = {"rdp": f"RDP, Opacus conversion, at alpha {report.alpha:g}", "pld": "PLD (dp_accounting)",
+                  "prv": "PRV (Opacus)"}
+        for name, value in report.by_accountant.items():
+            t_.add_row(f"  eps by {labels[name]}", _fmt(value) if value is not None else "- (does not apply)")
+    t_.add_row("eps (RDP curve, classic conversion)", _fmt(report.eps_classic))
+    if not report.accountant.startswith("sgm-"):
+        t_.add_row("eps (plain sampled-Gaussian RDP of the same noise)", _fmt(report.eps_rdp))
     for key, value in report.extras.items():
         t_.add_row(key, _fmt(value))
     out.print(t_)
@@ -215,6 +233,7 @@ def sweep(
     eps: Optional[str] = typer.Option(None, help="comma-separated eps targets, e.g. 1,2,3,4,8"),
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
     epochs: Optional[float] = typer.Option(None, help="epochs for every run (overrides the spec)"),
+    accountant: AccountantOption = None,
     devices: Optional[str] = typer.Option(None, help="one worker per device, e.g. cuda:0,cuda:1"),
     jobs: int = typer.Option(1, help="CPU worker processes (ignored with --devices)"),
     data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
@@ -235,6 +254,8 @@ def sweep(
             spec.fixed.pop("steps", None)
         if data_dir is not None:
             spec.fixed["data_dir"] = data_dir
+        if accountant is not None:
+            spec.fixed["accountant"] = accountant
         out_path = out_csv or spec.fixed.pop("out", None) or "results/sweep.csv"
         spec.fixed.pop("out", None)
         if jobs < 1:
@@ -330,6 +351,7 @@ def audit(
     batch_size: BatchSizeOption = None,
     physical_batch_size: PhysicalBatchOption = None,
     grad_sample: GradSampleOption = None,
+    accountant: AccountantOption = None,
     lr: LrOption = None,
     optimizer: OptimizerOption = None,
     momentum: MomentumOption = None,

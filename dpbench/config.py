@@ -53,6 +53,8 @@ class RunConfig:
     mech_params: dict[str, Any] = field(default_factory=dict)
     #: How per-sample gradients are computed: "fast" (book-keeping) or "reference" (Opacus); same update.
     grad_sample: str = "fast"
+    #: What calibrates the noise and reports eps_spent: "rdp" (the mechanism's RDP curve), "pld" or "prv".
+    accountant: str = "rdp"
 
     def num_steps(self, n: int) -> int:
         """T = floor(E * N / B) unless --steps was given (design.md: one definition everywhere)."""
@@ -83,11 +85,15 @@ class RunConfig:
             parts.append("--force")
         if self.grad_sample != "fast":
             parts += ["--grad-sample", self.grad_sample]
+        if self.accountant != "rdp":
+            parts += ["--accountant", self.accountant]
         return shlex.join(parts)
 
     def hash(self, dataset_variant: str) -> str:
         """Hash of everything that defines the experiment; excludes seed, device, paths, versions."""
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_HASHED}
+        if d["accountant"] == "rdp":  # the default leaves the hashes of rows written before the option unchanged
+            del d["accountant"]
         d["dataset_variant"] = dataset_variant
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -231,6 +237,9 @@ def validate_options(cfg: RunConfig) -> None:
     if cfg.optimizer not in ("sgd", "adam"):
         raise BadInput(f"--optimizer {cfg.optimizer!r}: must be sgd or adam")
     check_grad_sample(cfg.grad_sample)
+    from dpbench.privacy.accounting import check_accountant_name
+
+    check_accountant_name(cfg.accountant)
 
 
 def validate(cfg: RunConfig, n: int) -> None:

@@ -13,7 +13,10 @@ never taken from the mechanism's word:
   a mechanism brings its own accountant);
 - *physical batch*: splitting the batch into physical chunks changes no result beyond rounding;
 - *empty batch*: a step whose Poisson sample is empty still releases noise and counts as a step;
-- *resume*: a run killed after a checkpoint and resumed ends with the straight run's weights, bit for bit.
+- *resume*: a run killed after a checkpoint and resumed ends with the straight run's weights, bit for bit;
+- *accounting*: where a mechanism states its release as sampled Gaussians (``sampled_gaussians``, which PLD
+  and PRV account), that release has exactly the RDP curve the mechanism reports, at several noise levels,
+  rates and step counts, so every accountant accounts the same mechanism.
 
 The same functions run under pytest (``tests/test_conformance.py``).
 """
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -36,6 +40,7 @@ from dpbench.data.base import DatasetBundle
 from dpbench.engine import TrainOutcome, train
 from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import Mechanism
+from dpbench.privacy.release import release_rdp
 
 FEATURES, CLASSES = 8, 3
 CPU = torch.device("cpu")
@@ -259,6 +264,34 @@ def check_resume(name: str, params: dict[str, Any], steps: int = 6, grad_sample:
                     + ("" if ok else ": state that a checkpoint does not carry (declare it in state_dict)"))
 
 
+#: (noise multiplier, q, steps) at which the stated release and the RDP curve are compared.
+ACCOUNTING_POINTS = ((1.3, 0.05, 20), (0.8, 0.2, 7), (4.0, 0.01, 300), (0.6, 1.0, 3))
+
+
+def check_accounting(name: str, params: dict[str, Any]) -> Property:
+    """The release stated for PLD and PRV has the mechanism's own RDP curve (relative 1e-9 at every order)."""
+    mech = get_mechanism(name)(**params)
+    cfg = _config(name, params)
+    mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
+    if mech.sampled_gaussians(1.0, 0.05, 1) is None:
+        return Property("accounting", True, f"RDP only ({mech.rdp_only_reason}): --accountant pld and prv refused")
+    worst, where = 0.0, ""
+    for noise, q, steps in ACCOUNTING_POINTS:
+        orders, curve = mech.rdp(noise, q, steps)
+        stated = release_rdp(mech.sampled_gaussians(noise, q, steps), list(orders))
+        both = np.isfinite(curve) & np.isfinite(stated)
+        if not np.array_equal(np.isfinite(curve), np.isfinite(stated)):
+            worst, where = math.inf, f"sigma {noise}, q {q}, T {steps}: finite at different orders"
+            break
+        gap = float(np.max(np.abs(curve[both] - stated[both]) / np.maximum(np.abs(curve[both]), 1e-300), initial=0.0))
+        if gap > worst:
+            worst, where = gap, f"sigma {noise}, q {q}, T {steps}"
+    ok = worst <= 1e-9
+    return Property("accounting", ok, f"stated release vs RDP curve: largest relative gap {worst:.3g}"
+                    + (f" ({where})" if where else "")
+                    + ("" if ok else ": PLD/PRV would account another mechanism than RDP does"))
+
+
 def run_checks(name: str, params: dict[str, Any] | None = None, grad_sample: str = "fast") -> list[Property]:
     """Every property, in order, on per-sample path ``grad_sample``; a mechanism that is not private has none."""
     params = dict(params or {})
@@ -268,4 +301,4 @@ def run_checks(name: str, params: dict[str, Any] | None = None, grad_sample: str
     return [contribution, check_canary(name, params, largest, grad_sample),
             check_noise(name, params, grad_sample=grad_sample), check_physical_batch(name, params, grad_sample),
             check_empty_batch(name, params, grad_sample=grad_sample),
-            check_resume(name, params, grad_sample=grad_sample)]
+            check_resume(name, params, grad_sample=grad_sample), check_accounting(name, params)]

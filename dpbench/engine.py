@@ -234,7 +234,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         "optimizer": cfg.optimizer, "momentum": cfg.momentum,
         "physical_batch_size": physical_batch_size(cfg),
         "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": cfg.command(),
-        "grad_sample": outcome.grad_sample or "",
+        "grad_sample": outcome.grad_sample or "", "eps_pld": privacy.eps_pld,
     }
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
               "model_parameters": count_parameters(outcome.model), "train_size": n,

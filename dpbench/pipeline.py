@@ -20,7 +20,7 @@ from dpbench.mechanisms import get_mechanism
 from dpbench.mechanisms.base import Mechanism
 from dpbench.models import MODELS
 from dpbench.models.inputs import prepare_for_model
-from dpbench.privacy import PrivacyReport, account, calibrate
+from dpbench.privacy import PrivacyReport, account, calibrate, check_accountant
 from dpbench.results import RUNS, CsvSchema, check_compatible
 
 DataHook = Callable[[DatasetBundle], DatasetBundle]
@@ -58,7 +58,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, *, schema: CsvSchema = RUNS, raw_data: DataHook | None = None,
-            model_data: DataHook | None = None, with_prv: bool = True) -> Prepared:
+            model_data: DataHook | None = None, with_others: bool = True) -> Prepared:
     """Check, load, calibrate and account one configuration.
 
     Cheap checks come first, so a typo never waits for (or triggers) a download. ``raw_data`` adapts the
@@ -68,6 +68,7 @@ def prepare(cfg: RunConfig, *, schema: CsvSchema = RUNS, raw_data: DataHook | No
     mech = get_mechanism(cfg.mech)(**cfg.mech_params)
     MODELS.entry(cfg.model)
     validate_options(cfg)
+    check_accountant(mech, cfg.accountant)
     check_writable(cfg.out)
     check_compatible(Path(cfg.out), schema)
     data = load_dataset(cfg.dataset, cfg.data_dir)
@@ -82,8 +83,9 @@ def prepare(cfg: RunConfig, *, schema: CsvSchema = RUNS, raw_data: DataHook | No
     n = data.train_size
     q, steps = cfg.sample_rate(n), cfg.num_steps(n)
     mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
-    noise = calibrate(mech, cfg.eps, q, steps, cfg.delta) if mech.private else 0.0
-    privacy = account(mech, noise, q, steps, cfg.delta, with_prv=with_prv)  # from the noise actually used
+    noise = calibrate(mech, cfg.eps, q, steps, cfg.delta, cfg.accountant) if mech.private else 0.0
+    # from the noise actually used
+    privacy = account(mech, noise, q, steps, cfg.delta, cfg.accountant, with_others=with_others)
     if mech.private and not privacy.eps <= cfg.eps:
         raise RuntimeError(f"eps spent {privacy.eps} exceeds the target {cfg.eps}")
     return Prepared(cfg, device, mech, data, q, steps, noise, privacy)
@@ -109,7 +111,7 @@ class AccountingPlan:
 def plan_accounting(mech: str, *, params: dict, dataset: str | None = None, n: int | None = None,
                     model: str | None = None, batch_size: int | None = None, clip: float | None = None,
                     epochs: float | None = None, steps: int | None = None, eps: float | None = None,
-                    sigma: float | None = None, delta: float = 1e-5) -> AccountingPlan:
+                    sigma: float | None = None, delta: float = 1e-5, accountant: str = "rdp") -> AccountingPlan:
     """Calibrate (given ``eps``) or account (given ``sigma``) a configuration without data or training.
 
     With a dataset (``mnist`` unless only ``n`` is given) the recipe and the flags merge as for ``run``
@@ -131,6 +133,7 @@ def plan_accounting(mech: str, *, params: dict, dataset: str | None = None, n: i
         check_one_horizon({k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None})
         size = n
     mechanism = get_mechanism(mech)(**params)
+    check_accountant(mechanism, accountant)
     if size <= 0:
         raise BadInput(f"--n {size}: must be positive")
     if batch_size is None or not 0 < batch_size <= size:
@@ -150,5 +153,6 @@ def plan_accounting(mech: str, *, params: dict, dataset: str | None = None, n: i
     else:
         if math.isnan(eps) or eps <= 0:
             raise BadInput(f"--eps {eps}: must be positive")
-        noise = calibrate(mechanism, eps, q, steps, delta)
-    return AccountingPlan(mechanism, size, batch_size, steps, clip, noise, account(mechanism, noise, q, steps, delta))
+        noise = calibrate(mechanism, eps, q, steps, delta, accountant)
+    return AccountingPlan(mechanism, size, batch_size, steps, clip, noise,
+                          account(mechanism, noise, q, steps, delta, accountant))

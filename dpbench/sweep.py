@@ -32,6 +32,7 @@ from dpbench.config import RunConfig, load_toml, options_from_table, resolve
 from dpbench.data import dataset_variant
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
+from dpbench.privacy import check_accountant
 from dpbench.progress import PLAIN_PREFIX, format_duration
 
 GRID_KEYS = ("mech", "dataset", "model", "eps", "seed")
@@ -91,6 +92,11 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
         if model is not None:
             opts["model"] = model
         cfg = resolve(opts)
+        try:
+            check_accountant(MECHANISMS.get(cfg.mech)(**cfg.mech_params), cfg.accountant)
+        except BadInput as exc:
+            raise BadInput(f"{exc}; in a sweep spec, accountant = \"rdp\" under [recipe.{mech}] keeps the others") \
+                from None
         key = (cfg.hash(dataset_variant(cfg.dataset, cfg.data_dir)), cfg.seed)
         if key not in seen:
             seen.add(key)

@@ -21,7 +21,8 @@ PARAMS = {"ged": {"k": 8, "codebook_rows": 4}}
 @pytest.mark.parametrize("name", PRIVATE)
 def test_every_built_in_mechanism_passes(name, grad_sample):
     results = run_checks(name, PARAMS.get(name), grad_sample)
-    assert [p.name for p in results] == ["contribution", "canary", "noise", "physical batch", "empty batch", "resume"]
+    assert [p.name for p in results] == ["contribution", "canary", "noise", "physical batch", "empty batch", "resume",
+                                         "accounting"]
     assert all(p.ok for p in results), [f"{p.name}: {p.detail}" for p in results if not p.ok]
 
 
@@ -118,3 +119,29 @@ def test_a_noise_std_that_agrees_with_too_little_noise_does_not_fool_the_check(m
     monkeypatch.setitem(MECHANISMS._entries, "underdeclared", Entry("underdeclared", Underdeclared, {"plugin": "tests"}))
     noise = {p.name: p for p in run_checks("underdeclared")}["noise"]
     assert not noise.ok and "0.50" in noise.detail
+
+
+class MisstatedRelease(DPSGD):
+    """Accounts RDP at twice the sampling rate but states the release at the plain rate to PLD and PRV."""
+
+    name = "misstated"
+
+    def rdp(self, noise_multiplier, q, steps):  # noqa: ANN001
+        return super().rdp(noise_multiplier, min(1.0, 2 * q), steps)
+
+    def sampled_gaussians(self, noise_multiplier, q, steps):  # noqa: ANN001
+        return super().sampled_gaussians(noise_multiplier, q, steps)
+
+
+def test_a_release_that_differs_from_the_rdp_curve_fails_the_accounting_check():
+    assert check_accounting_of(MisstatedRelease).ok is False
+    assert "another mechanism" in check_accounting_of(MisstatedRelease).detail
+    assert check_accounting_of(DPSGD).ok
+
+
+def check_accounting_of(cls):  # noqa: ANN001, ANN201
+    from dpbench.conformance import check_accounting
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(MECHANISMS._entries, cls.name, Entry(cls.name, cls, {"plugin": "tests"}))
+        return check_accounting(cls.name, {})

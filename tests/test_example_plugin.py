@@ -32,7 +32,7 @@ def test_the_example_plugin_installs_and_passes_check_run_and_account(tmp_path):
                               env=env, cwd=tmp_path)
 
     check = dpbench("check", "softclip", "--set", "warmup=3")
-    assert check.returncode == 0 and "softclip passes all 6 conformance checks" in check.stdout, check.stdout
+    assert check.returncode == 0 and "softclip passes all 7 conformance checks" in check.stdout, check.stdout
     run = dpbench("run", "--mech", "softclip", "--dataset", "synthetic", "--eps", "8", "--steps", "3",
                   "--quiet", "--out", "r.csv")
     assert run.returncode == 0, run.stderr

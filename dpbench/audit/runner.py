@@ -129,7 +129,7 @@ def run_audit(cfg: RunConfig, *, canaries: int = DEFAULT_CANARIES, threat: str =
         return data
 
     prepared = prepare(cfg, schema=AUDITS, raw_data=lambda data: _subset(data, train_size),
-                       model_data=with_input_canaries if threat == "black" else None, with_prv=False)
+                       model_data=with_input_canaries if threat == "black" else None, with_others=False)
     device, mech, data, noise, privacy = prepared.device, prepared.mech, prepared.data, prepared.noise, prepared.privacy
     n, q, steps = prepared.n, prepared.q, prepared.steps
     canary_rate = mech.sample_rate(q)

@@ -19,8 +19,10 @@ the per-chunk accumulation, empty batches, checkpoints and the audit's canary ar
                std ``noise_multiplier * sensitivity(clip)`` on every coordinate).
 4. update      ``update(released, release)`` applies the released sum to the model (default: divide
                by the expected batch size B and take the base optimizer's step).
-5. accounting  ``rdp``, ``sample_rate`` (the release rate) and ``privacy_extras``; ``sensitivity`` and
-               ``noise_std`` state what the accountant assumes (``dpbench check`` measures both).
+5. accounting  ``rdp``, ``sample_rate`` (the release rate) and ``privacy_extras``; ``sampled_gaussians``
+               states the release as a composition of Poisson-sampled Gaussians where it is one (PLD and
+               PRV need it; a class that overrides ``rdp`` alone is RDP-only); ``sensitivity`` and
+               ``noise_std`` state what the accountant assumes (``dpbench check`` measures all three).
    plus ``setup(ctx)`` once and ``begin_step(ctx, step)`` every step, which see a :class:`TrainContext`.
 
 State: everything a mechanism keeps on itself is saved in checkpoints and restored on ``--resume``
@@ -45,6 +47,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from dpbench.errors import BadInput
 from dpbench.persample.norms import bounded_factors, per_sample_norms
 from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
+from dpbench.privacy.release import Release, SampledGaussian
 from dpbench.recipes import Recipe, RecipeKey
 from dpbench.registry import did_you_mean
 
@@ -271,8 +274,9 @@ class Mechanism:
     #: Name of the accountant in results: sgm-rdp, dpis-rdp, modelmix-rdp, ged-rdp or none.
     accountant: ClassVar[str] = "sgm-rdp"
     private: ClassVar[bool] = True
-    #: Whether Opacus' PRV accountant of the sampled Gaussian describes this mechanism exactly.
-    prv_applies: ClassVar[bool] = True
+    #: Why only RDP can account this mechanism (its release is not a composition of sampled Gaussians);
+    #: None where ``sampled_gaussians`` describes the release, so that PLD and PRV apply.
+    rdp_only_reason: ClassVar[str | None] = None
     #: Shown in ``dpbench ls`` and reports when the mechanism or its accounting is our reconstruction.
     caveat: ClassVar[str | None] = None
     sgm_orders: ClassVar[tuple[float, ...]] = SGM_ORDERS
@@ -286,6 +290,13 @@ class Mechanism:
 
     def __init__(self, **params: Any) -> None:
         self.params = self.resolve_params(params)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class with its own RDP curve but no statement of its release must not inherit the sampled-Gaussian
+        # one: PLD and PRV would then account a mechanism other than the one that trains.
+        if "rdp" in cls.__dict__ and "sampled_gaussians" not in cls.__dict__ and cls.rdp_only_reason is None:
+            cls.rdp_only_reason = "it states an RDP curve but not its release as sampled Gaussians"
 
     # -- parameters -------------------------------------------------------------------------
     @classmethod
@@ -314,6 +325,15 @@ class Mechanism:
     def rdp(self, noise_multiplier: float, q: float, steps: int) -> tuple[Iterable[float], np.ndarray]:
         """(orders, total RDP) of ``steps`` steps at expected rate ``q``."""
         return self.sgm_orders, sgm_rdp(self.sample_rate(q), noise_multiplier, steps, self.sgm_orders)
+
+    def sampled_gaussians(self, noise_multiplier: float, q: float, steps: int) -> Release | None:
+        """The release of ``steps`` steps as a composition of Poisson-sampled Gaussians; None where it is not one.
+
+        Its RDP must be ``rdp`` (``dpbench check`` compares them), so that every accountant accounts one mechanism.
+        """
+        if self.rdp_only_reason is not None:
+            return None
+        return (SampledGaussian(float(noise_multiplier), float(self.sample_rate(q)), int(steps)),)
 
     def privacy_extras(self, noise_multiplier: float, q: float, steps: int, delta: float) -> dict[str, Any]:
         """Further values an accountant reports beside ``eps`` (JSON-ready); none by default."""

@@ -65,6 +65,8 @@ from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainCon
 from dpbench.persample import BookKeeping
 from dpbench.persample.norms import per_sample_norms
 from dpbench.privacy.dpis import DPISRates, auto_sigma_k, dpis_rdp, resolve_rates
+from dpbench.privacy.rdp import OPACUS_ORDERS
+from dpbench.privacy.release import Release, SampledGaussian
 from dpbench.recipes import Recipe
 
 AUTO = "auto"
@@ -125,7 +127,6 @@ class DPIS(Mechanism):
     name = "dpis"
     summary = "DPIS (Wei et al. 2022): importance sampling by clipped norm, privatised normaliser"
     accountant = "dpis-rdp"
-    prv_applies = False
     caveat = ("reconstruction 'DPIS-core' of specs/dpis.md (paper body not available): mechanism, two-stage "
               "sampling and accountant are ours, not the paper's")
     recipes = {
@@ -143,7 +144,7 @@ class DPIS(Mechanism):
     }
     param_specs = (
         AutoOr("sigma_k", float, AUTO, "noise multiplier of the norm-sum release; inf = release nothing "
-                                       "(K^ = floor); auto = at most 5% of the RDP at every order"),
+                                       "(K^ = floor); auto = at most 5% of the RDP at every order up to 63"),
         Param("r_hat", float, 0.5, "public guess of the mean clipped-norm ratio a/C; "
                                    "q_cap = min(candidate_rate, q/r_hat)"),
         AutoOr("q_cap", float, AUTO, "cap on any record's inclusion probability (overrides r_hat)"),
@@ -196,7 +197,9 @@ class DPIS(Mechanism):
         if self.params["sigma_k"] != AUTO:
             return float(self.params["sigma_k"])
         rates = self.rates(q)
-        return auto_sigma_k(float(noise_multiplier), rates.q_cap, rates.norm_rate, tuple(self.sgm_orders))
+        # Opacus' orders, not the larger accounting grid: at orders far above the optimum of any eps >= 0.2 the
+        # share condition would demand a sigma_K about q_cap/q times larger (a noisier normaliser) for nothing.
+        return auto_sigma_k(float(noise_multiplier), rates.q_cap, rates.norm_rate, OPACUS_ORDERS)
 
     # -- 5. accounting ------------------------------------------------------------------------------
     def sample_rate(self, q: float) -> float:
@@ -207,6 +210,17 @@ class DPIS(Mechanism):
             return self.sgm_orders, np.full(len(self.sgm_orders), np.inf)
         return self.sgm_orders, dpis_rdp(noise_multiplier, self.sigma_k(noise_multiplier, q), self.rates(q),
                                          steps, self.sgm_orders)
+
+    def sampled_gaussians(self, noise_multiplier: float, q: float, steps: int) -> Release | None:
+        """SGM(q_cap, sigma_G) for the gradient release, composed with SGM(norm_rate, sigma_K) for the norm sum."""
+        rates = self.rates(q)
+        gradient = SampledGaussian(float(noise_multiplier), rates.q_cap, int(steps))
+        if noise_multiplier <= 0:
+            return (gradient,)
+        sigma_k = self.sigma_k(noise_multiplier, q)
+        if math.isinf(sigma_k):  # no norm sum is released
+            return (gradient,)
+        return gradient, SampledGaussian(sigma_k, rates.norm_rate, int(steps))
 
     # -- 1. sampling: the uniform candidate set ---------------------------------------------------------
     def make_sampler(self, num_samples: int, q: float, steps: int,

@@ -146,7 +146,8 @@ class GED(Mechanism):
     name = "ged"
     summary = "GED (Nasr et al. 2020): top-k + codebook encoding, Student-t noise on all coordinates, KS denoising"
     accountant = "ged-rdp"
-    prv_applies = False
+    rdp_only_reason = ("its release adds noise of a chosen family to encoded gradients under a codebook bound, "
+                       "not a sampled Gaussian; only our RDP reconstruction (Zhu-Wang subsampling) exists")
     caveat = ("GED accountant (our reconstruction, Zhu-Wang subsampled RDP over codebook rows; the paper's "
               "theorem not checked); the forward-only exact eps and the Gaussian-equivalent z_eq are beside it")
     per_sample = PerSample.GRADIENTS  # the top-k encoding needs each whole gradient

@@ -21,7 +21,8 @@ This follows the paper where the authors' code departs from it: every trainable 
 The privacy guarantee is the authors' analysis (Corollary 4.1) as rebuilt in
 ``dpbench.privacy.modelmix``; it has not been independently verified, and nearly all of it comes
 from the mixing weights, so the ``eps_rdp`` column (plain sampled-Gaussian accounting of the same
-noise) is reported beside it.
+noise) is reported beside it. That accounting bounds ModelMix too, so the curve used is, per order,
+the smaller of the two (``bounded_modelmix_rdp``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, PerSample, TrainContext
 from dpbench.persample.norms import bounded_factors, per_sample_norms, round_toward_zero
-from dpbench.privacy.modelmix import modelmix_rdp, rho
-from dpbench.privacy.rdp import INTEGER_ORDERS
+from dpbench.privacy.modelmix import bounded_modelmix_rdp, rho
 from dpbench.recipes import Recipe
 
 #: The pushed gap exceeds tau by this relative margin, so rounding never leaves a gap below tau.
@@ -101,7 +101,8 @@ class ModelMix(Mechanism):
     name = "modelmix"
     summary = "ModelMix (Xiao et al. 2022): l2+l-inf clipping, secret random mixing of the last two states"
     accountant = "modelmix-rdp"
-    prv_applies = False
+    rdp_only_reason = ("its eps rests on the secret mixing weights, analysed in RDP only (Xiao et al. 2022, "
+                       "Corollary 4.1); its eps_rdp column is plain DP-SGD accounting of the same noise")
     caveat = ("ModelMix accountant (Xiao et al. 2022), analysis not independently verified; eps rests on "
               "the secret mixing weights; eps_rdp is plain DP-SGD accounting of the same noise")
     param_specs = (
@@ -164,8 +165,7 @@ class ModelMix(Mechanism):
                 (steps - first, rho(self.gamma_at(steps - 1, steps), 1.0, self.batch_size, self.clip))]
 
     def rdp(self, noise_multiplier: float, q: float, steps: int) -> tuple[Iterable[float], np.ndarray]:
-        return INTEGER_ORDERS, modelmix_rdp(self.sample_rate(q), noise_multiplier, self.phases(steps),
-                                            self.params["p"], INTEGER_ORDERS)
+        return bounded_modelmix_rdp(self.sample_rate(q), noise_multiplier, self.phases(steps), self.params["p"])
 
     # -- clipping, noise and update ---------------------------------------------------------------
     def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:

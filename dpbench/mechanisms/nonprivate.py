@@ -15,7 +15,6 @@ class NonPrivate(Mechanism):
     summary = "non-private SGD, the eps = inf control (same sampler and loop)"
     accountant = "none"
     private = False
-    prv_applies = False
     recipes = {
         # Unclipped gradients are about 10-100x larger than C = 0.1, so the DP learning rates diverge;
         # same batch, epochs and momentum, lr scaled down (measured, see results/foundation/). On the

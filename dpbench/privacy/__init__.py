@@ -1,6 +1,9 @@
-"""Privacy accounting: RDP curves, conversions to (eps, delta) and noise calibration."""
+"""Privacy accounting: RDP curves, PLD and PRV, conversions to (eps, delta) and noise calibration."""
 
-from dpbench.privacy.accounting import PrivacyReport, account, calibrate
+from dpbench.privacy.accounting import (ACCOUNTANTS, PrivacyReport, account, accountant_name, calibrate,
+                                        check_accountant, check_accountant_name)
 from dpbench.privacy.rdp import SGM_ORDERS, eps_classic, eps_opacus, sgm_rdp
+from dpbench.privacy.release import Release, SampledGaussian
 
-__all__ = ["PrivacyReport", "account", "calibrate", "SGM_ORDERS", "eps_classic", "eps_opacus", "sgm_rdp"]
+__all__ = ["ACCOUNTANTS", "PrivacyReport", "Release", "SampledGaussian", "account", "accountant_name", "calibrate",
+           "check_accountant", "check_accountant_name", "SGM_ORDERS", "eps_classic", "eps_opacus", "sgm_rdp"]

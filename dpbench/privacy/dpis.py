@@ -16,8 +16,9 @@ Opacus' (``dpbench.privacy.rdp.sgm_rdp``), converted to (eps, delta) by the shar
 
 The default ``sigma_K`` ("auto") is data-independent: the smallest value on a fixed geometric grid
 for which the norm release (bounded above by its value at the next integer order) costs at most
-``NORM_SHARE`` of the total RDP at *every* order, hence at the optimal one, whatever sigma_G
-calibration picks. It grows with sigma_G, so the total RDP still falls as sigma_G grows and the
+``NORM_SHARE`` of the total RDP at *every* order of Opacus' grid (up to 63), hence at the optimal
+one for any eps above about 0.2, whatever sigma_G calibration picks (below, the share may exceed
+5 %; the accounting stays exact, it only costs utility). It grows with sigma_G, so the total RDP still falls as sigma_G grows and the
 generic bisection on sigma_G stays valid.
 """
 
@@ -31,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from dpbench.errors import BadInput
-from dpbench.privacy.rdp import SGM_ORDERS, sgm_rdp
+from dpbench.privacy.rdp import OPACUS_ORDERS, SGM_ORDERS, sgm_rdp
 
 #: Largest share of the total RDP (at every order) that the automatic sigma_K leaves to the norm release.
 NORM_SHARE = 0.05
@@ -127,7 +128,8 @@ def _norm_share_ok(k: int, norm_rate: float, gradient: np.ndarray, orders: tuple
 
 
 @lru_cache(maxsize=4096)
-def auto_sigma_k(sigma_g: float, q_cap: float, norm_rate: float, orders: tuple[float, ...] = SGM_ORDERS) -> float:
+def auto_sigma_k(sigma_g: float, q_cap: float, norm_rate: float,
+                 orders: tuple[float, ...] = OPACUS_ORDERS) -> float:
     """Smallest grid sigma_K whose norm release is at most ``NORM_SHARE`` of the per-step RDP at every order.
 
     The norm release is measured by ``norm_release_upper_bound`` (so the share holds for the exact curve

@@ -190,10 +190,10 @@ def test_canary_lives_on_kept_coordinates_with_norm_c():
 
 def test_eps_and_calibration_equal_dpsgd():
     rs, dpsgd = get_mechanism("rs")(p_final=0.9, refresh=5), get_mechanism("dpsgd")()
-    assert rs.accountant == "sgm-rdp" and rs.prv_applies
+    assert rs.accountant == "sgm-rdp" and rs.rdp_only_reason is None
     for sigma, q, steps in ((1.0, 0.01, 1000), (0.7, 0.1, 50), (2.5, 512 / 60000, 1171)):
-        ours = account(rs, sigma, q, steps, 1e-5, with_prv=False)
-        ref = account(dpsgd, sigma, q, steps, 1e-5, with_prv=False)
+        ours = account(rs, sigma, q, steps, 1e-5, with_others=False)
+        ref = account(dpsgd, sigma, q, steps, 1e-5, with_others=False)
         assert ours.eps == ref.eps and ours.eps_classic == ref.eps_classic
     assert calibrate(rs, 3.0, 0.01, 500, 1e-5) == calibrate(dpsgd, 3.0, 0.01, 500, 1e-5)
 

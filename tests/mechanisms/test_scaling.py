@@ -237,10 +237,10 @@ def test_eps_and_calibration_equal_dpsgd():
     dpsgd = get_mechanism("dpsgd")()
     for name, params in (("auto_s", {}), ("psac", {}), ("psasc", {}), ("psasc", {"beta": 0.5})):
         mech = get_mechanism(name)(**params)
-        assert mech.accountant == "sgm-rdp" and mech.prv_applies  # so eps_prv is DP-SGD's PRV too
+        assert mech.accountant == "sgm-rdp" and mech.rdp_only_reason is None  # so eps_prv and eps_pld are DP-SGD's too
         for sigma, q, steps in ((1.0, 0.01, 1000), (0.7, 0.1, 50), (2.5, 512 / 60000, 1171)):
-            ours = account(mech, sigma, q, steps, 1e-5, with_prv=False)
-            ref = account(dpsgd, sigma, q, steps, 1e-5, with_prv=False)
+            ours = account(mech, sigma, q, steps, 1e-5, with_others=False)
+            ref = account(dpsgd, sigma, q, steps, 1e-5, with_others=False)
             assert ours.eps == ref.eps and ours.eps_classic == ref.eps_classic and ours.alpha == ref.alpha
     assert calibrate(get_mechanism("psasc")(), 3.0, 0.01, 500, 1e-5) == calibrate(dpsgd, 3.0, 0.01, 500, 1e-5)
 

@@ -32,7 +32,7 @@ def test_order_two_closed_form():
     (1024 / 60000, 1.0, 2343, 5.5956, 4.5, 6.2705, 4.6),
 ])
 def test_dpsgd_composition_matches_spec(q, sigma, steps, eps, alpha, eps_cl, alpha_cl):
-    report = account(DPSGD, sigma, q, steps, 1e-5, with_prv=False)
+    report = account(DPSGD, sigma, q, steps, 1e-5, with_others=False)
     assert report.eps == pytest.approx(eps, abs=5e-4)
     assert report.alpha == pytest.approx(alpha)
     assert report.eps_classic == pytest.approx(eps_cl, abs=5e-4)
@@ -42,7 +42,7 @@ def test_dpsgd_composition_matches_spec(q, sigma, steps, eps, alpha, eps_cl, alp
 
 def test_external_anchor_moments_accountant():
     # Bu, Dong, Long & Su (2020), Fig. 4: (1.34, 1e-5) by the moments accountant (classic conversion).
-    report = account(DPSGD, 1.3, 256 / 60000, 4687, 1e-5, with_prv=False)
+    report = account(DPSGD, 1.3, 256 / 60000, 4687, 1e-5, with_others=False)
     assert report.eps_classic == pytest.approx(1.34, abs=0.02)
 
 
@@ -64,7 +64,7 @@ def test_steps_compose_linearly():
 
 
 def eps(sigma=1.0, q=0.01, steps=1000):
-    return account(DPSGD, sigma, q, steps, 1e-5, with_prv=False).eps
+    return account(DPSGD, sigma, q, steps, 1e-5, with_others=False).eps
 
 
 def test_eps_decreases_in_sigma():
@@ -89,10 +89,10 @@ def test_prv_is_reported_and_tighter_than_rdp():
 @pytest.mark.parametrize("q,steps", [(512 / 60000, 4687), (2048 / 60000, 1171), (0.1, 50)])
 def test_calibration_never_above_target_and_tight(target, q, steps):
     sigma = calibrate(DPSGD, target, q, steps, 1e-5)
-    spent = account(DPSGD, sigma, q, steps, 1e-5, with_prv=False).eps
+    spent = account(DPSGD, sigma, q, steps, 1e-5, with_others=False).eps
     assert spent <= target
     # the smallest such noise: 0.1 % less noise overshoots
-    assert account(DPSGD, sigma * 0.999, q, steps, 1e-5, with_prv=False).eps > target
+    assert account(DPSGD, sigma * 0.999, q, steps, 1e-5, with_others=False).eps > target
 
 
 def test_calibration_matches_opacus_within_its_tolerance():
