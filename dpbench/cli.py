@@ -479,7 +479,8 @@ def list_entries(what: str = typer.Argument("mechanisms", help="mechanisms, data
                     continue
                 cls = registry.get(name)
                 desc = cls.summary + (f" [yellow]({cls.caveat})[/]" if cls.caveat else "")
-                t.add_row(name, cls.accountant, cls.describe_params() or "-", desc)
+                takes = ("" if not cls.private else " (rdp only)" if cls.rdp_only_reason else " (rdp, pld, prv)")
+                t.add_row(name, cls.accountant + takes, cls.describe_params() or "-", desc)
         else:
             extra = "train size" if what == "datasets" else "datasets"
             t.add_column(extra)

@@ -33,15 +33,28 @@ def _group_command(rows: pd.DataFrame) -> str:
     return f"`{cmd}` (S in {{{', '.join(map(str, seeds))}}})"
 
 
+def calibrated_by(accountant: object) -> str | None:
+    """The calibrating accountant of an ``accountant`` cell (``sgm-pld`` -> ``pld``); None for a non-private row."""
+    if not isinstance(accountant, str) or not accountant:
+        return "rdp"  # rows written before --accountant existed
+    if accountant == "none":
+        return None
+    return accountant.rsplit("-", 1)[-1]
+
+
 def baseline_candidates(df: pd.DataFrame, rows: pd.DataFrame, baseline: str,
                         configs: tuple[str, ...] = ()) -> list[str]:
-    """Config hashes of ``baseline`` runs with the same dataset, model, eps and steps as ``rows``.
+    """Config hashes of ``baseline`` runs with the same dataset, model, eps, steps and calibrating accountant
+    as ``rows`` (an eps by PLD buys less noise than the same eps by RDP, so they are never paired).
 
     ``configs`` (config-hash prefixes) keeps only the chosen ones; the caller pairs only when one is left.
     """
     first = rows.iloc[0]
     ref = df[(df["mech"] == baseline) & (df["dataset"] == first["dataset"]) & (df["model"] == first["model"])
              & (df["eps_target"] == first["eps_target"]) & (df["steps"] == first["steps"])]
+    kind = calibrated_by(first.get("accountant"))
+    if kind is not None and "accountant" in ref:
+        ref = ref[ref["accountant"].map(calibrated_by) == kind]
     hashes = sorted(ref["config_hash"].astype(str).unique())
     if configs:
         hashes = [h for h in hashes if any(h.startswith(c) for c in configs)]
@@ -73,7 +86,7 @@ def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_publis
              "Test accuracy in %, mean ± sample std over seeds (n = number of seeds). "
              f"Δ {baseline}: mean over shared seeds of the paired difference to the `{baseline}` configuration with "
              "the same dataset, model, eps and steps (where there are several, the cell names them: choose one "
-             "with `--baseline-config`). ⚠ marks a run group below chance + 5 points. Published numbers come from "
+             "with `--baseline-config`); a private row pairs only with a baseline calibrated by the same accountant, and an eps calibrated by PLD or PRV says so. ⚠ marks a run group below chance + 5 points. Published numbers come from "
              "`dpbench/published.csv` (sources there; `dpbench.tables.load_published()`) and may use other models or epochs.", ""]
     for dataset, part in df.groupby("dataset", sort=True):
         chance = _chance(dataset)
@@ -93,7 +106,9 @@ def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_publis
                 if paired is not None:
                     diff = f"{100 * paired[0]:+.2f} ({paired[1]} pairs)"
             epochs = rows["epochs"].iloc[0] if "epochs" in rows else float("nan")
-            lines.append(f"| {mech} | {fmt_eps(eps)} | {model} | {100 * mean:.2f} ± {100 * std:.2f}{flag} | "
+            kind = calibrated_by(rows["accountant"].iloc[0]) if "accountant" in rows else "rdp"
+            eps_cell = fmt_eps(eps) + (f" ({kind.upper()})" if kind not in (None, "rdp") else "")
+            lines.append(f"| {mech} | {eps_cell} | {model} | {100 * mean:.2f} ± {100 * std:.2f}{flag} | "
                          f"{len(rows)} | {diff} | {_published(pub, dataset, mech, eps) or '-'} | {epochs:.3g} | "
                          f"{_group_command(rows)} |")
         lines.append("")

@@ -114,3 +114,22 @@ def test_the_baseline_is_an_option(tmp_path):
     assert "(3 pairs)" in line and line.split("|")[6].strip().startswith("-")  # dpsgd trails dpis
     bad = CliRunner().invoke(app, ["report", str(tmp_path / "r.csv"), "--baseline", "dpsdg"])
     assert bad.exit_code == 2 and "did you mean 'dpsgd'" in bad.output
+
+
+def test_rows_pair_only_with_a_baseline_calibrated_by_the_same_accountant(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    df["accountant"] = df["mech"].map({"dpsgd": "sgm-rdp", "dpis": "dpis-rdp", "nonprivate": "none"})
+    by_pld = df[(df.mech == "dpsgd") & (df.eps_target == 3)].assign(config_hash="dpsgd-pld", accountant="sgm-pld",
+                                                                       test_acc=0.95)
+    dpis_pld = df[(df.mech == "dpis") & (df.eps_target == 3)].assign(config_hash="dpis-pld", accountant="dpis-pld",
+                                                                      test_acc=0.96)
+    text = build_report(pd.concat([df, by_pld, dpis_pld]))
+    lines = [line for line in text.splitlines() if line.startswith("| dpis | 3")]
+    by_rdp, = [line for line in lines if line.startswith("| dpis | 3 |")]
+    pld, = [line for line in lines if line.startswith("| dpis | 3 (PLD) |")]
+    a = df[(df.mech == "dpis") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    b = df[(df.mech == "dpsgd") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    assert f"{100 * (a - b).mean():+.2f} (3 pairs)" in by_rdp  # not "2 baseline configurations"
+    assert "+1.00 (3 pairs)" in pld
+    # an older CSV (no accountant column) still pairs as before
+    assert f"{100 * (a - b).mean():+.2f} (3 pairs)" in build_report(df.drop(columns=["accountant"]))

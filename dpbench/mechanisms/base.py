@@ -271,7 +271,8 @@ class Mechanism:
     name: ClassVar[str] = "base"
     summary: ClassVar[str] = ""
     param_specs: ClassVar[tuple[Param, ...]] = ()
-    #: Name of the accountant in results: sgm-rdp, dpis-rdp, modelmix-rdp, ged-rdp or none.
+    #: The mechanism's analysis with the RDP accountant: sgm-rdp, dpis-rdp, modelmix-rdp, ged-rdp or none. The
+    #: ``accountant`` column holds it, with -pld or -prv in place of -rdp when one of those calibrated the run.
     accountant: ClassVar[str] = "sgm-rdp"
     private: ClassVar[bool] = True
     #: Why only RDP can account this mechanism (its release is not a composition of sampled Gaussians);

@@ -34,6 +34,10 @@ ACCOUNTANT_REL_TOL = 1e-3
 PLD_COARSE_DISCRETIZATION = 1e-3
 #: Largest eps each accountant is asked for (beyond it its grids grow too large; RDP has no limit).
 MAX_EPS = {"rdp": math.inf, "pld": PLD_MAX_EPS, "prv": PRV_MAX_EPS}
+#: Largest RDP eps at which the chosen accountant is still computed (its own eps is smaller than RDP's, so a
+#: target of MAX_EPS can sit at an RDP eps somewhat above it); beyond, ``account`` refuses instead of running
+#: out of memory.
+HARD_MAX_RDP_EPS = {"rdp": math.inf, "pld": 4 * PLD_MAX_EPS, "prv": 2 * PRV_MAX_EPS}
 
 __all__ = ["ACCOUNTANTS", "MAX_NOISE", "PLD_MAX_EPS", "PRV_MAX_EPS", "PrivacyReport", "account",
            "accountant_name", "calibrate", "check_accountant", "check_accountant_name"]
@@ -138,6 +142,9 @@ def account(mech: "Mechanism", noise_multiplier: float, q: float, steps: int, de
         eps_rdp = own
     else:
         eps_rdp, _ = eps_opacus(SGM_ORDERS, sgm_rdp(q, noise_multiplier, steps, SGM_ORDERS), delta)
+    if own > HARD_MAX_RDP_EPS[accountant]:
+        raise BadInput(f"--accountant {accountant}: this noise ({noise_multiplier:g}) spends eps {own:.4g} by RDP, beyond "
+                       f"what {accountant.upper()} is computed for here (its grid grows with eps); use --accountant rdp")
     by: dict[str, float | None] = {"rdp": own}
     for other in ("pld", "prv"):
         wanted = other == accountant or (with_others and own <= MAX_EPS[other])

@@ -79,7 +79,7 @@ def test_modelmix_is_never_worse_than_plain_dpsgd_accounting():
         get_mechanism("dpsgd")(), 1.0, q, steps, DELTA, with_others=False).eps
 
 
-def test_modelmix_and_ged_small_eps():
+def test_modelmix_calibrates_small_eps_through_the_sampled_gaussian_orders():
     mech = get_mechanism("modelmix")()
     mech.bind(batch_size=512, clip=1.0)
     q, steps = 512 / 60000, 4687

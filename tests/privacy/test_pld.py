@@ -180,3 +180,9 @@ def test_pld_and_prv_refuse_targets_beyond_their_grids():
         calibrate(DPSGD, 500.0, 0.01, 100, DELTA, "pld")
     with pytest.raises(BadInput, match="PRV"):
         calibrate(DPSGD, 50.0, 0.01, 100, DELTA, "prv")
+
+
+def test_accounting_a_tiny_noise_by_pld_is_refused_not_attempted():
+    with pytest.raises(BadInput, match="spends eps .* by RDP"):
+        account(DPSGD, 0.05, 0.1, 1000, DELTA, "pld")
+    assert account(DPSGD, 0.05, 0.1, 1000, DELTA).eps_pld is None  # nor computed as a column
