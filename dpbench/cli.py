@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -100,6 +101,9 @@ def run(
     out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV (default: results/runs.csv)"),
     sets: SetOption = [],
     config: Optional[str] = typer.Option(None, help="TOML file with the same options"),
+    recipes: Optional[str] = typer.Option(None, "--recipes", help=(
+        "tuned recipes (the TOML of 'dpbench tune'): the entry for this mechanism, dataset and model at this eps, "
+        "else at the nearest tuned eps (said on stderr), replaces the built-in recipe; flags still override it")),
     force: ForceOption = False,
     quiet: QuietOption = False,
     resume: bool = typer.Option(False, "--resume", help="continue from this configuration's checkpoint "
@@ -115,6 +119,7 @@ def run(
     from dpbench.engine import run as run_engine
 
     options = _training_options(locals(), out_csv)
+    options["recipes"] = recipes
     try:
         options["mech_params"] = parse_sets(sets)
         cfg = resolve(options, config)
@@ -234,6 +239,8 @@ def sweep(
     seeds: Optional[str] = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
     epochs: Optional[float] = typer.Option(None, help="epochs for every run (overrides the spec)"),
     accountant: AccountantOption = None,
+    recipes: Optional[str] = typer.Option(None, "--recipes", help="tuned recipes (dpbench tune) for every "
+                                          "configuration (overrides the spec's recipes key)"),
     devices: Optional[str] = typer.Option(None, help="one worker per device, e.g. cuda:0,cuda:1"),
     jobs: int = typer.Option(1, help="CPU worker processes (ignored with --devices)"),
     data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
@@ -256,6 +263,8 @@ def sweep(
             spec.fixed["data_dir"] = data_dir
         if accountant is not None:
             spec.fixed["accountant"] = accountant
+        if recipes is not None:
+            spec.recipes = recipes
         out_path = out_csv or spec.fixed.pop("out", None) or "results/sweep.csv"
         spec.fixed.pop("out", None)
         if jobs < 1:
@@ -276,6 +285,72 @@ def sweep(
         raise fail(exc)
     if any(not o.ok for o in outcomes):
         raise typer.Exit(code=1)
+
+
+@app.command()
+def tune(
+    mech: str = typer.Option(..., "--mech", help="comma-separated mechanisms; each gets the same trials and space"),
+    dataset: str = typer.Option(..., help="dataset to tune for (mnist); trials train on its validation split "
+                                          "(mnist_val) and never read its test split"),
+    eps: float = typer.Option(..., help="target epsilon of every trial (calibrated as 'run' does)"),
+    model: Optional[str] = typer.Option(None, help="model (default: each mechanism's recipe)"),
+    trials: int = typer.Option(12, help="finished (completed or pruned) trials per mechanism, over all invocations"),
+    study: Optional[str] = typer.Option(None, help="Optuna study (SQLite; default: <--out without .toml>.db)"),
+    out_toml: str = typer.Option("results/tuning/recipes.toml", "--out", help="recipes TOML (entries for other "
+                                 "datasets, models or eps already in it are kept)"),
+    jobs: int = typer.Option(1, help="trials in parallel (processes, one thread each)"),
+    seed: int = typer.Option(0, help="seed of the sampler and of every trial's run"),
+    accountant: AccountantOption = None,
+    batch_sizes: str = typer.Option("256,512,1024,2048", help="batch sizes searched (shared by every mechanism)"),
+    epoch_choices: str = typer.Option("5,10,20", help="epochs searched (shared by every mechanism)"),
+    data_dir: DataDirOption = None,
+) -> None:
+    """Equal-budget hyperparameter search (Optuna, TPE sampler, median pruner) on the validation split.
+
+    Searches lr and C (log scale), batch size, epochs, momentum {0, 0.9} and each mechanism's declared
+    tunable parameters, cut by its declared constraints. Writes the best configuration per mechanism to
+    --out, the study beside it, one row per completed trial to <study>.trials.csv. A killed tune resumes;
+    a finished one trains nothing. Tuning is NOT privacy-accounted (as in every seed paper): only each
+    final run's eps is.
+    """
+    from dpbench.tuning.recipes_file import read_recipes, write_recipes
+    from dpbench.tuning.runner import TuneRequest, tune as run_tune
+    from dpbench.tuning.space import SharedSpace
+
+    try:
+        mechs = tuple(_split(mech) or [])
+        if not mechs:
+            raise BadInput("--mech: name at least one mechanism")
+        if not out_toml.endswith(".toml"):
+            raise BadInput(f"--out {out_toml}: must be a .toml file")
+        shared = SharedSpace(batch_sizes=tuple(_split(batch_sizes, int) or ()),
+                             epochs=tuple(_split(epoch_choices, float) or ()))
+        req = TuneRequest(mechs=mechs, dataset=dataset, model=model, eps=eps, trials=trials,
+                          study=study or str(Path(out_toml).with_suffix(".db")), out=out_toml, jobs=jobs, seed=seed,
+                          accountant=accountant or "rdp", data_dir=data_dir, shared=shared)
+        kept = read_recipes(out_toml) if Path(out_toml).exists() else []
+
+        def done(name, study_, recipe) -> None:  # noqa: ANN001
+            if recipe is None:
+                out.print(f"{name}: no completed trial (all pruned or failed); no recipe", highlight=False)
+            else:
+                out.print(f"{name}: best validation accuracy {100 * recipe.val_acc:.2f} % ({recipe.source}); "
+                          f"{recipe.trials} trials, {recipe.pruned} pruned, {recipe.cpu_s:.0f} s", highlight=False)
+
+        recipes = run_tune(req, on_mechanism=done)
+    except BadInput as exc:
+        raise fail(exc)
+    replaced = {(r.mech, r.dataset, r.model, r.eps) for r in recipes}
+    kept = [r for r in kept if (r.mech, r.dataset, r.model, r.eps) not in replaced]
+    header = (f"written by: dpbench tune {' '.join(sys.argv[2:])}\n"
+              "tuned on the validation split; tuning is not privacy-accounted")
+    write_recipes(out_toml, kept + recipes, header)
+    from dpbench.tuning.plots import save_study_plots
+
+    plots = save_study_plots(req.study, mechs, f"{dataset} (validation split), eps {eps:g}, "
+                                               f"{req.trials} trials per mechanism")
+    out.print(f"wrote {out_toml} ({len(recipes)} tuned recipes); study {req.study}; trials {req.trials_csv}; "
+              f"{len(plots)} plots beside the study", highlight=False)
 
 
 @app.command()

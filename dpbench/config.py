@@ -26,7 +26,8 @@ MIN_CLIP = 1e-12
 GRAD_SAMPLE_PATHS = ("fast", "reference")
 
 #: Fields that do not change the result distribution and so stay out of the config hash.
-NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force", "grad_sample")
+NOT_HASHED = ("seed", "device", "out", "data_dir", "physical_batch_size", "secure", "force", "grad_sample",
+              "recipe_source", "recipes")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class RunConfig:
     grad_sample: str = "fast"
     #: What calibrates the noise and reports eps_spent: "rdp" (the mechanism's RDP curve), "pld" or "prv".
     accountant: str = "rdp"
+    #: Where the defaults came from: a built-in recipe's cited source, or "<study file>#<trial>" of a tuned one.
+    recipe_source: str = ""
+    #: The tuned-recipes file the defaults came from (``--recipes``), if any.
+    recipes: str | None = None
 
     def num_steps(self, n: int) -> int:
         """T = floor(E * N / B) unless --steps was given (design.md: one definition everywhere)."""
@@ -72,11 +77,11 @@ class RunConfig:
         """The fully resolved ``dpbench run`` command that reproduces this run (recipe-independent)."""
         parts = ["dpbench", "run", "--mech", self.mech, "--dataset", self.dataset, "--model", self.model]
         if not math.isinf(self.eps):  # a non-private mechanism runs at eps = inf and takes no --eps
-            parts += ["--eps", f"{self.eps:g}"]
-        parts += ["--delta", f"{self.delta:g}", "--batch-size", str(self.batch_size)]
-        parts += ["--steps", str(self.steps)] if self.steps is not None else ["--epochs", f"{self.epochs:g}"]
-        parts += ["--lr", f"{self.lr:g}", "--optimizer", self.optimizer, "--momentum", f"{self.momentum:g}",
-                  "--clip", f"{self.clip:g}", "--seed", str(self.seed)]
+            parts += ["--eps", exact(self.eps)]
+        parts += ["--delta", exact(self.delta), "--batch-size", str(self.batch_size)]
+        parts += ["--steps", str(self.steps)] if self.steps is not None else ["--epochs", exact(self.epochs)]
+        parts += ["--lr", exact(self.lr), "--optimizer", self.optimizer, "--momentum", exact(self.momentum),
+                  "--clip", exact(self.clip), "--seed", str(self.seed)]
         for key, value in sorted(self.mech_params.items()):
             parts += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
         if self.secure:
@@ -87,6 +92,8 @@ class RunConfig:
             parts += ["--grad-sample", self.grad_sample]
         if self.accountant != "rdp":
             parts += ["--accountant", self.accountant]
+        if self.recipes:  # every value is explicit above; this records (and re-reads) where they came from
+            parts += ["--recipes", self.recipes]
         return shlex.join(parts)
 
     def hash(self, dataset_variant: str) -> str:
@@ -97,6 +104,13 @@ class RunConfig:
         d["dataset_variant"] = dataset_variant
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def exact(value: float) -> str:
+    """A number as short as ``:g`` writes it where that is exact, else every digit (tuned values have many), so
+    that a command re-creates the very configuration, and its hash."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def parse_value(text: str) -> Any:
@@ -147,8 +161,14 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfig:
-    """Merge recipe, config file and flags (``None`` = not given) into a RunConfig."""
+    """Merge recipe, config file and flags (``None`` = not given) into a RunConfig.
+
+    ``options["recipes"]`` (or ``recipes`` in the file) names a tuned-recipes TOML (``dpbench tune``), whose
+    entry replaces the built-in recipe; flags and the file still override it.
+    """
     from_file = read_config_file(config_file) if config_file else {}
+    recipes_path = options.get("recipes") or from_file.pop("recipes", None)
+    options = {k: v for k, v in options.items() if k != "recipes"}
     flags = {k: v for k, v in options.items() if v is not None and k != "mech_params"}
     check_one_horizon(flags, "")
     check_one_horizon(from_file, f" in --config {config_file}")
@@ -173,8 +193,14 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     if not is_private(mech):
         eps = float("inf")
     recipe = recipe_for(given["dataset"], mech, given.get("model")).as_dict()  # a model may have its own recipe
-    recipe.pop("source")
-    merged = {**recipe, **given, "mech": mech, "eps": eps, "mech_params": params}
+    source = recipe.pop("source")
+    if recipes_path:
+        tuned = tuned_recipe(recipes_path, mech, given["dataset"], given.get("model"), eps)
+        recipe.update(tuned.options())
+        params = {**tuned.mech_params, **params}
+        source = tuned.source
+    merged = {**recipe, **given, "mech": mech, "eps": eps, "mech_params": params, "recipe_source": source,
+              "recipes": recipes_path or None}
     if "steps" in given and "epochs" not in given:
         merged["epochs"] = None
     known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -184,6 +210,19 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     merged.setdefault("delta", 1e-5)
     merged.setdefault("steps", None)
     return RunConfig(**merged)
+
+
+def tuned_recipe(path: str, mech: str, dataset: str, model: str | None, eps: float):  # noqa: ANN201
+    """The tuned recipe of ``path`` for this run (the dataset's base: ``mnist_val`` reads ``mnist``'s)."""
+    import sys
+
+    from dpbench.recipes import base_dataset
+    from dpbench.tuning.recipes_file import choose, read_recipes
+
+    chosen, note = choose(read_recipes(path), path, mech=mech, dataset=base_dataset(dataset), model=model, eps=eps)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return chosen
 
 
 def check_one_horizon(options: dict[str, Any], where: str = "") -> None:

@@ -85,15 +85,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return correct / len(y), loss / len(y)
 
 
+@dataclass(frozen=True)
+class Interim:
+    """Evaluations on the held-out split during training, at fractions of the steps (tuning prunes on them).
+
+    ``report(step, accuracy)`` may raise to stop the run; evaluating changes no random state, so a run
+    with interim evaluations ends where the same run without them ends.
+    """
+
+    fractions: tuple[float, ...]
+    report: Callable[[int, float], None]
+
+    def steps(self, total: int) -> set[int]:
+        return {s for s in (int(f * total) for f in self.fractions) if 0 < s < total}
+
+
 def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier: float, steps: int,
           device: torch.device, *, show_progress: bool = True,
           on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
           checkpointer: Checkpointer | None = None, resume: bool = False,
-          model_factory: Callable[[], nn.Module] | None = None) -> TrainOutcome:
+          model_factory: Callable[[], nn.Module] | None = None, interim: Interim | None = None) -> TrainOutcome:
     """Train ``steps`` logical steps of ``mech`` and evaluate on the test split.
 
     With a ``checkpointer`` the state is saved every few minutes; ``resume`` continues from it.
     ``model_factory`` replaces the registry's ``cfg.model`` (the conformance checks use a tiny model).
+    ``interim`` evaluates on the test split (the held-out split of a ``*_val`` dataset) during training.
     """
     keep_freed_memory()
     n = data.train_size
@@ -144,6 +160,7 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
 
     start, samples_before = state.step, state.samples
     sampler = mech.make_sampler(n, q, steps - start, sampling)
+    interim_steps = interim.steps(steps) if interim is not None else set()
     t0 = time.perf_counter()
     progress = TrainingProgress(f"{cfg.mech} {cfg.dataset}", steps, start, enabled=show_progress)
     with progress, warnings.catch_warnings():
@@ -158,6 +175,8 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                 loss_sum = nonprivate_step(model, optimizer, batches, idx, cfg.batch_size)
             state.record(len(idx), loss_sum)
             progress.update(state.step, lambda: state.ema_loss, state.samples - samples_before)
+            if interim is not None and state.step in interim_steps:
+                interim.report(state.step, evaluate(model, data.test_x.to(device), data.test_y.to(device))[0])
             if checkpointer is not None and state.step < steps:
                 checkpointer.maybe_save(lambda: state.snapshot(model, optimizer, mech,
                                                                state.wall + time.perf_counter() - t0))
@@ -196,7 +215,7 @@ def _now() -> str:
 
 
 def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
-        checkpoint_every_s: float = 300.0) -> dict[str, Any]:
+        checkpoint_every_s: float = 300.0, interim: Interim | None = None) -> dict[str, Any]:
     """Validate, calibrate, train, evaluate and record one run; returns the CSV row.
 
     A checkpoint is kept beside the CSV while the run trains; ``resume`` continues from it.
@@ -215,7 +234,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         warn(f"{reproducible_checkpoint} is a checkpoint of a reproducible run of this configuration; a --secure "
              "run never continues one (its randomness is derived from --seed), so this run starts afresh")
     outcome = train(cfg, mech, data, noise, steps, device, show_progress=show_progress,
-                    checkpointer=checkpointer, resume=resume)
+                    checkpointer=checkpointer, resume=resume, interim=interim)
     env = environment()
     run_id = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{cfg.mech}-{cfg.dataset}-{uuid.uuid4().hex[:6]}"
     row: dict[str, Any] = {
@@ -234,7 +253,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
         "optimizer": cfg.optimizer, "momentum": cfg.momentum,
         "physical_batch_size": physical_batch_size(cfg),
         "secure": cfg.secure, "other_load": _round(meter.other_load()), "command": cfg.command(),
-        "grad_sample": outcome.grad_sample or "", "eps_pld": privacy.eps_pld,
+        "grad_sample": outcome.grad_sample or "", "eps_pld": privacy.eps_pld, "recipe_source": cfg.recipe_source,
     }
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
               "model_parameters": count_parameters(outcome.model), "train_size": n,

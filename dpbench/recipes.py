@@ -83,7 +83,7 @@ DEFAULT_RECIPES: dict[RecipeKey, Recipe] = {
 }
 
 
-def _base_dataset(dataset: str) -> str:
+def base_dataset(dataset: str) -> str:
     """The dataset a variant derives from (its ``base`` meta: ``cifar10_aug16`` -> ``cifar10``, ``mnist_val``
     -> ``mnist``), whose recipes it shares; the dataset itself when it is no variant or not registered."""
     from dpbench.data import DATASETS
@@ -93,7 +93,7 @@ def _base_dataset(dataset: str) -> str:
 
 def lookup(own: Mapping[RecipeKey, Recipe], dataset: str, model: str | None = None) -> Recipe | None:
     """The first of ``own`` (a mechanism's recipes) and the defaults that has a recipe for this dataset/model."""
-    for ds in dict.fromkeys((dataset, _base_dataset(dataset))):
+    for ds in dict.fromkeys((dataset, base_dataset(dataset))):
         keys: list[RecipeKey] = [(ds, model)] if model is not None else []
         for key in keys + [ds]:
             for table in (own, DEFAULT_RECIPES):

@@ -17,6 +17,7 @@ import pandas as pd
 from dpbench.data import DATASETS
 from dpbench.mechanisms import MECHANISMS
 from dpbench.tables import GROUP, fmt_eps, load_published, mean_std
+from dpbench.tuning.summary import tuning_lines
 
 
 def _chance(dataset: str) -> float:
@@ -112,6 +113,7 @@ def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_publis
                          f"{len(rows)} | {diff} | {_published(pub, dataset, mech, eps) or '-'} | {epochs:.3g} | "
                          f"{_group_command(rows)} |")
         lines.append("")
+    lines += tuning_lines(df)
     caveats = [(m, MECHANISMS.get(m).caveat) for m in sorted(df["mech"].unique())
                if m in MECHANISMS and MECHANISMS.get(m).caveat]
     if caveats:

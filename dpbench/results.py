@@ -32,7 +32,7 @@ COLUMNS: tuple[str, ...] = (
 #: Extra columns that follow the required ones.
 EXTRA_COLUMNS: tuple[str, ...] = (
     "eps_classic", "optimizer", "momentum", "physical_batch_size", "secure", "other_load", "command",
-    "release_rate", "grad_sample", "eps_pld",
+    "release_rate", "grad_sample", "eps_pld", "recipe_source",
 )
 #: How to fill a column that an older CSV lacks, from that row's other columns.
 BACKFILL: dict[str, str] = {"release_rate": "sample_rate"}  # older rows wrote the release rate there

@@ -43,18 +43,22 @@ class SweepSpec:
     grid: dict[str, list[Any]]
     fixed: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-mechanism overrides
+    recipes: str | None = None  # tuned recipes (``dpbench tune``) replacing the built-in ones
 
 
 def read_spec(path: str) -> SweepSpec:
     data = load_toml(path, "sweep spec")
-    unknown = set(data) - {"grid", "fixed", "recipe"}
+    unknown = set(data) - {"grid", "fixed", "recipe", "recipes"}
     if unknown:
-        raise BadInput(f"sweep spec {path!r}: unknown table(s) {sorted(unknown)}; expected grid, fixed, recipe")
+        raise BadInput(f"sweep spec {path!r}: unknown table(s) {sorted(unknown)}; expected grid, fixed, recipe "
+                       f"(and a recipes = \"FILE\" key)")
+    if "recipes" in data and not isinstance(data["recipes"], str):
+        raise BadInput(f"sweep spec {path!r}: recipes must be a file name")
     grid = {k: v if isinstance(v, list) else [v] for k, v in data.get("grid", {}).items()}
     bad = set(grid) - set(GRID_KEYS)
     if bad:
         raise BadInput(f"sweep spec {path!r}: unknown grid key(s) {sorted(bad)}; expected {', '.join(GRID_KEYS)}")
-    return SweepSpec(grid, dict(data.get("fixed", {})), dict(data.get("recipe", {})))
+    return SweepSpec(grid, dict(data.get("fixed", {})), dict(data.get("recipe", {})), data.get("recipes"))
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
@@ -88,7 +92,8 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     for mech, dataset, model, eps, seed in itertools.product(*axes.values()):
         opts = {**fixed, **options_from_table(spec.recipe.get(mech, {}))}
         params = {**fixed.get("mech_params", {}), **opts.get("mech_params", {})}
-        opts.update(mech=mech, dataset=dataset, eps=float(eps), seed=int(seed), mech_params=params)
+        opts.update(mech=mech, dataset=dataset, eps=float(eps), seed=int(seed), mech_params=params,
+                    recipes=spec.recipes)
         if model is not None:
             opts["model"] = model
         cfg = resolve(opts)

@@ -103,3 +103,53 @@ def test_batchnorm_model_is_rejected_for_private_training(monkeypatch):
     monkeypatch.setitem(MODELS._entries, "bn_test", Entry("bn_test", bn_model, {}))
     with pytest.raises(BadInput, match="BatchNorm"):
         params_after(cfg(model="bn_test"))
+
+
+@pytest.mark.parametrize("mech", ["dpsgd", "dpis", "nonprivate"])
+def test_interim_evaluations_report_at_their_fractions_and_change_nothing(mech):
+    from dpbench.engine import Interim, evaluate
+
+    c = cfg(mech=mech, steps=8)
+    plain = train(c, get_mechanism(mech)(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False)
+    seen = []
+    with_interim = train(c, get_mechanism(mech)(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False,
+                         interim=Interim((0.25, 0.5, 0.75, 1.0), lambda step, acc: seen.append((step, acc))))
+    assert [s for s, _ in seen] == [2, 4, 6]  # the last step is the final evaluation, not an interim one
+    assert all(0 <= acc <= 1 for _, acc in seen)
+    for a, b in zip(plain.model.parameters(), with_interim.model.parameters()):
+        assert torch.equal(a, b)  # evaluating consumed no randomness and changed no state
+    assert plain.test_acc == with_interim.test_acc == evaluate(with_interim.model, DATA.test_x, DATA.test_y)[0]
+
+
+def test_an_interim_report_that_raises_stops_the_run():
+    from dpbench.engine import Interim
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, acc):  # noqa: ANN001
+        raise Stop(step)
+
+    with pytest.raises(Stop, match="4"):
+        train(cfg(steps=8), get_mechanism("dpsgd")(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False,
+              interim=Interim((0.5,), stop))
+
+
+def test_validation_splits_hold_out_the_end_of_the_training_split_and_never_the_test_split():
+    from dpbench.data import DATASETS, dataset_variant
+    from dpbench.data.base import validation_split
+
+    full, val = load_dataset("synthetic"), load_dataset("synthetic_val")
+    assert val.train_size == DATASETS.entry("synthetic_val").meta["train_size"] == 384
+    assert torch.equal(val.train_x, full.train_x[:384]) and torch.equal(val.test_x, full.train_x[384:])
+    assert dataset_variant("synthetic_val") == val.variant == "synthetic-val128"
+    for name, base, size in (("cifar10_val", "cifar10", 40000), ("imdb_val", "imdb", 20000)):
+        meta = DATASETS.entry(name).meta
+        assert meta["base"] == base and meta["train_size"] == size
+    # a label-sorted file (IMDb's) gets a fixed seeded order first, so both labels are held out
+    sorted_bundle = dataclasses.replace(full, train_y=torch.sort(full.train_y).values)
+    plain = validation_split(sorted_bundle, 128)
+    shuffled = validation_split(sorted_bundle, 128, order_seed=1)
+    assert plain.test_y.unique().tolist() == [7, 8, 9] and shuffled.test_y.unique().numel() == 10
+    again = validation_split(sorted_bundle, 128, order_seed=1)
+    assert torch.equal(shuffled.test_x, again.test_x)  # the same records every time

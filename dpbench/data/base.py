@@ -50,18 +50,28 @@ def offline_roots(data_dir: str | None) -> list[Path]:
     return [Path(r).expanduser() for r in roots if r]
 
 
-def validation_split(bundle: DatasetBundle, holdout: int) -> DatasetBundle:
+def validation_split(bundle: DatasetBundle, holdout: int, order_seed: int | None = None) -> DatasetBundle:
     """Train on the first ``N - holdout`` training records and evaluate on the last ``holdout`` of them.
 
-    For tuning hyperparameters without touching the test split. The split is fixed (not random), so
-    every mechanism tunes on the same records.
+    For tuning hyperparameters without touching the test split. The split is fixed, so every mechanism
+    tunes on the same records. ``order_seed`` first puts the training records in a fixed seeded order,
+    for files sorted by label (IMDb's training file holds all negative reviews, then all positive ones).
     """
     if not 0 < holdout < bundle.train_size:
         raise ValueError(f"holdout {holdout} must be in (0, {bundle.train_size})")
+    x, y = bundle.train_x, bundle.train_y
+    if order_seed is not None:
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(order_seed))
+        x, y = x[order], y[order]
     keep = bundle.train_size - holdout
     return dataclasses.replace(
-        bundle, name=f"{bundle.name}_val", variant=f"{bundle.variant}-val{holdout // 1000}k",
-        train_x=bundle.train_x[:keep], train_y=bundle.train_y[:keep],
-        test_x=bundle.train_x[keep:], test_y=bundle.train_y[keep:])
+        bundle, name=f"{bundle.name}_val", variant=validation_variant(bundle.variant, holdout),
+        train_x=x[:keep], train_y=y[:keep], test_x=x[keep:], test_y=y[keep:])
+
+
+def validation_variant(variant: str, holdout: int) -> str:
+    """The ``dataset_variant`` of a validation split: ``mnist-val10k``, ``synthetic-val128``."""
+    size = f"{holdout // 1000}k" if holdout % 1000 == 0 else str(holdout)
+    return f"{variant}-val{size}"
 
 

@@ -29,7 +29,7 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, TrainTransform, offline_roots
+from dpbench.data.base import DatasetBundle, TrainTransform, offline_roots, validation_split, validation_variant
 from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
 from dpbench.errors import BadInput
 
@@ -195,3 +195,15 @@ def _register_multiplicity(k: int) -> None:
 
 for _k in AUGMENTATION_MULTIPLICITIES:
     _register_multiplicity(_k)
+
+
+#: Training images held out as the validation split of ``cifar10_val`` (the training file is in random order).
+VALIDATION_HOLDOUT = 10_000
+
+
+@DATASETS.register("cifar10_val", train_size=TRAIN_SIZE - VALIDATION_HOLDOUT, num_classes=CLASSES,
+                   input_shape=(3, 32, 32), base="cifar10",
+                   variant=lambda data_dir: validation_variant(offline_variant(data_dir), VALIDATION_HOLDOUT),
+                   summary="CIFAR-10 for tuning: train on the first 40k training images, evaluate on the last 10k")
+def load_cifar10_val(data_dir: str | None = None) -> DatasetBundle:
+    return validation_split(load("cifar10", data_dir), VALIDATION_HOLDOUT)

@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, offline_roots
+from dpbench.data.base import DatasetBundle, offline_roots, validation_split, validation_variant
 from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
 from dpbench.errors import BadInput
 
@@ -169,3 +169,18 @@ def load_imdb(data_dir: str | None = None) -> DatasetBundle:
     t = _encoded(data_dir)
     return DatasetBundle("imdb", variant(data_dir), t["train_x"], t["train_y"], t["test_x"], t["test_y"],
                          num_classes=CLASSES)
+
+
+#: Training reviews held out as the validation split of ``imdb_val``.
+VALIDATION_HOLDOUT = 5_000
+#: The training file is sorted by label, so the held-out reviews come from a fixed seeded order.
+VALIDATION_ORDER_SEED = 20261203
+
+
+@DATASETS.register("imdb_val", train_size=TRAIN_SIZE - VALIDATION_HOLDOUT, num_classes=CLASSES,
+                   input_shape=(DEFAULT_SEQ_LEN,), base="imdb",
+                   variant=lambda data_dir: validation_variant(variant(data_dir), VALIDATION_HOLDOUT),
+                   summary="IMDb for tuning: 20k training reviews, 5k held out (a fixed seeded order: the file is "
+                           "sorted by label)")
+def load_imdb_val(data_dir: str | None = None) -> DatasetBundle:
+    return validation_split(load_imdb(data_dir), VALIDATION_HOLDOUT, order_seed=VALIDATION_ORDER_SEED)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle
+from dpbench.data.base import DatasetBundle, validation_split, validation_variant
 
 TRAIN_SIZE, TEST_SIZE, CLASSES = 512, 256, 10
 
@@ -23,3 +23,14 @@ def load_synthetic(data_dir: str | None = None) -> DatasetBundle:
     train_x, train_y = split(TRAIN_SIZE)
     test_x, test_y = split(TEST_SIZE)
     return DatasetBundle("synthetic", "synthetic", train_x, train_y, test_x, test_y, num_classes=CLASSES)
+
+
+#: Training records held out as the validation split of ``synthetic_val``.
+VALIDATION_HOLDOUT = 128
+
+
+@DATASETS.register("synthetic_val", train_size=TRAIN_SIZE - VALIDATION_HOLDOUT, num_classes=CLASSES,
+                   base="synthetic", variant=validation_variant("synthetic", VALIDATION_HOLDOUT),
+                   summary="synthetic for tuning tests: train on 384, evaluate on the last 128 training records")
+def load_synthetic_val(data_dir: str | None = None) -> DatasetBundle:
+    return validation_split(load_synthetic(data_dir), VALIDATION_HOLDOUT)

@@ -57,6 +57,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class TuneRange:
+    """Where ``dpbench tune`` searches a parameter: ``[low, high]`` (log scale by default), or ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = True
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.choices and not (self.low is not None and self.high is not None and self.low < self.high):
+            raise ValueError(f"a tuning range needs low < high or choices: {self}")
+        if self.log and not self.choices and self.low <= 0:
+            raise ValueError(f"a log-scale tuning range needs low > 0: {self}")
+
+
+@dataclass(frozen=True)
 class Param:
     """A mechanism parameter settable with ``--set name=value``."""
 
@@ -66,6 +82,8 @@ class Param:
     help: str
     #: Accepted values at the edges of the range, which ``dpbench check`` also tries.
     extremes: tuple[Any, ...] = ()
+    #: Where ``dpbench tune`` searches it; None: not tuned (its default is used).
+    tune: TuneRange | None = None
 
     def coerce(self, value: Any) -> Any:
         """Check and convert a parsed ``--set`` value to this parameter's type."""
@@ -288,6 +306,9 @@ class Mechanism:
     per_sample: ClassVar[PerSample] = PerSample.NORMS
     #: Attributes that ``setup`` rebuilds and checkpoints need not carry (caches, large derived tables).
     transient: ClassVar[tuple[str, ...]] = ()
+    #: Cuts of ``dpbench tune``'s shared search space: the values of a shared dimension (``batch_size``,
+    #: ``momentum``, ``epochs``) that this mechanism accepts, e.g. ``{"momentum": lambda m: m == 0}``.
+    tune_constraints: ClassVar[Mapping[str, Callable[[Any], bool]]] = {}
 
     def __init__(self, **params: Any) -> None:
         self.params = self.resolve_params(params)

@@ -61,7 +61,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TuneRange, TrainContext
 from dpbench.persample import BookKeeping
 from dpbench.persample.norms import per_sample_norms
 from dpbench.privacy.dpis import DPISRates, auto_sigma_k, dpis_rdp, resolve_rates
@@ -146,7 +146,7 @@ class DPIS(Mechanism):
         AutoOr("sigma_k", float, AUTO, "noise multiplier of the norm-sum release; inf = release nothing "
                                        "(K^ = floor); auto = at most 5% of the RDP at every order up to 63"),
         Param("r_hat", float, 0.5, "public guess of the mean clipped-norm ratio a/C; "
-                                   "q_cap = min(candidate_rate, q/r_hat)"),
+                                   "q_cap = min(candidate_rate, q/r_hat)", tune=TuneRange(0.2, 1.0)),
         AutoOr("q_cap", float, AUTO, "cap on any record's inclusion probability (overrides r_hat)"),
         AutoOr("candidate_rate", float, AUTO, "Poisson rate of the uniform candidate set; 1 = exact full pass; "
                                               "auto = q_cap (least work, same output distribution)"),

@@ -36,7 +36,7 @@ import torch
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, PerSample, TrainContext
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TuneRange, PerSample, TrainContext
 from dpbench.privacy.ged import CodebookSpec, GEDAccountant, load_codebook, make_family
 from dpbench.privacy.rdp import INTEGER_ORDERS
 from dpbench.recipes import Recipe
@@ -146,6 +146,8 @@ class GED(Mechanism):
     name = "ged"
     summary = "GED (Nasr et al. 2020): top-k + codebook encoding, Student-t noise on all coordinates, KS denoising"
     accountant = "ged-rdp"
+    #: its Zhu-Wang bound has a floor that grows with q: at batches of 4096 or 8192 it cannot reach eps = 1
+    tune_constraints = {"batch_size": lambda b: b <= 1024}
     rdp_only_reason = ("its release adds noise of a chosen family to encoded gradients under a codebook bound, "
                        "not a sampled Gaussian; only our RDP reconstruction (Zhu-Wang subsampling) exists")
     caveat = ("GED accountant (our reconstruction, Zhu-Wang subsampled RDP over codebook rows; the paper's "
@@ -169,7 +171,8 @@ class GED(Mechanism):
         Param("noise", str, "student_t", "noise family on every coordinate: student_t, gaussian or laplace"),
         Param("nu", float, 9.0, "Student-t degrees of freedom"),
         Param("k", int, 14_000, "coordinates kept per example (top-k by magnitude); the codebook row length"),
-        Param("kappa", float, 4.0, "quant multiplier: the clipped top-k part is scaled by kappa before clamping"),
+        Param("kappa", float, 4.0, "quant multiplier: the clipped top-k part is scaled by kappa before clamping",
+              tune=TuneRange(1.0, 16.0)),
         Param("quant_clip", float, 1.0, "Q: l2 norm of every codebook row, the sensitivity"),
         Param("codebook_rows", int, 64, "M: codebook rows (the official recipe draws 1000 near-identical ones)"),
         Param("codebook_seed", int, 0, "seed of the data-independent codebook (public)"),

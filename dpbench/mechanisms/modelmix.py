@@ -35,7 +35,7 @@ import torch
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, PerSample, TrainContext
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TuneRange, PerSample, TrainContext
 from dpbench.persample.norms import bounded_factors, per_sample_norms, round_toward_zero
 from dpbench.privacy.modelmix import bounded_modelmix_rdp, rho
 from dpbench.recipes import Recipe
@@ -106,12 +106,15 @@ class ModelMix(Mechanism):
     caveat = ("ModelMix accountant (Xiao et al. 2022), analysis not independently verified; eps rests on "
               "the secret mixing weights; eps_rdp is plain DP-SGD accounting of the same noise")
     param_specs = (
-        Param("p", int, 100, "l-infinity truncation: each coordinate capped at C/sqrt(p) (1 = l2 only)"),
+        Param("p", int, 100, "l-infinity truncation: each coordinate capped at C/sqrt(p) (1 = l2 only)",
+              tune=TuneRange(choices=(1, 10, 100, 1000))),
         # 0.005 was best of {0.005, 0.02, 0.05} on an MNIST validation split (the paper uses 0.05)
-        Param("gamma", float, 0.005, "mixing gap tau = gamma * lr in the first half of the steps"),
+        Param("gamma", float, 0.005, "mixing gap tau = gamma * lr in the first half of the steps",
+              tune=TuneRange(1e-3, 0.05)),
         Param("gamma_decay", float, 0.5, "gamma is multiplied by this for the second half of the steps"),
     )
     per_sample = PerSample.GRADIENTS  # the l-infinity cap acts on single coordinates
+    tune_constraints = {"momentum": lambda m: m == 0.0}  # the analysis does not cover a momentum buffer
     recipes = {
         # Xiao et al. 2022, App. E, small-model rows (C 1, lr 0.4, gamma 0.05): plain SGD (the analysis does not
         # cover a momentum buffer), batch and epochs of the T&B rows. On an MNIST validation split (train on

@@ -26,7 +26,7 @@ import torch
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TuneRange, TrainContext
 from dpbench.recipes import Recipe
 
 
@@ -81,7 +81,8 @@ class RandomSparsification(Mechanism):
                       "T&B 2021 FMNIST DP-SGD row; RS p_final 0.9, refresh 1 (Zhu & Blaschko 2023)"),
     }
     param_specs = (
-        Param("p_final", float, 0.9, "fraction of coordinates dropped in the last chunk (0 in the first)"),
+        Param("p_final", float, 0.9, "fraction of coordinates dropped in the last chunk (0 in the first)",
+              tune=TuneRange(0.3, 0.95, log=False)),
         Param("refresh", int, 1, "mask draws per epoch"),
         Param("mask_momentum", bool, False, "zero the optimizer's momentum on dropped coordinates"),
     )

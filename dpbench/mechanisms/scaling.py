@@ -34,7 +34,7 @@ import torch
 
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
-from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TrainContext
+from dpbench.mechanisms.base import DPBenchOptimizer, Mechanism, Param, TuneRange, TrainContext
 from dpbench.registry import did_you_mean
 from dpbench.recipes import Recipe
 
@@ -171,7 +171,8 @@ class AutoS(ScalingMechanism):
                       "Bu et al. 2023 (C 1, lr tuned by dpbench), T&B FMNIST batch"),
     }
     default_weight = "auto_s"
-    param_specs = (Param("gamma", float, 0.01, "stability constant of C/(||g|| + gamma)", extremes=(1e-40, 1e6)),)
+    param_specs = (Param("gamma", float, 0.01, "stability constant of C/(||g|| + gamma)", extremes=(1e-40, 1e6),
+                         tune=TuneRange(1e-3, 1.0)),)
 
 
 @MECHANISMS.register("psac")
@@ -189,7 +190,8 @@ class PSAC(ScalingMechanism):
     }
     default_weight = "psac"
     # Unverified against the paper's tables: the spec recalls r in {0.1, 0.01}.
-    param_specs = (Param("r", float, 0.1, "PSAC's r in C/(||g|| + r/(||g|| + r))", extremes=(1e-300, 1e300)),)
+    param_specs = (Param("r", float, 0.1, "PSAC's r in C/(||g|| + r/(||g|| + r))", extremes=(1e-300, 1e300),
+                         tune=TuneRange(1e-2, 1.0)),)
 
 
 @MECHANISMS.register("psasc")
@@ -215,7 +217,8 @@ class PSASC(ScalingMechanism):
               "PSAC's weight by default plus an EMA (1 - beta) of the privatised gradient")
     param_specs = (
         Param("weight", str, "psac", f"per-sample weight, one of {', '.join(WEIGHTS)}"),
-        Param("r", float, 0.1, "r of the psac weight"),
+        Param("r", float, 0.1, "r of the psac weight", tune=TuneRange(1e-2, 1.0)),
         Param("gamma", float, 0.01, "gamma of the auto_s weight"),
-        Param("beta", float, 0.9, "EMA factor of v <- beta v + (1 - beta) u on the privatised gradient u"),
+        Param("beta", float, 0.9, "EMA factor of v <- beta v + (1 - beta) u on the privatised gradient u",
+              tune=TuneRange(choices=(0.5, 0.9, 0.99))),
     )

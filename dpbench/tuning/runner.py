@@ -1,0 +1,289 @@
+"""Running a tune: one Optuna study per mechanism in one SQLite file, trials as ordinary runs.
+
+Every trial is ``engine.run`` on the validation split, calibrated to the tune's eps exactly as ``dpbench
+run`` is; completed trials append their row to the trials CSV beside the study. Intermediate accuracies
+(at a quarter, half and three quarters of the steps) feed a median pruner. A configuration whose eps
+is unreachable, or that is otherwise invalid, is a pruned trial; a trial that crashes is a failed trial
+with its command, and the tune goes on. ``trials`` counts finished (completed or pruned) trials per
+mechanism over every invocation; workers take a file lock to ask for a trial, so ``--jobs`` never
+overshoots it. One tune at a time holds a study file (a second is refused); so the trials a resumed
+tune finds running were left by a killed one: they are marked failed and run again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import multiprocessing
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+
+from dpbench.config import resolve
+from dpbench.data import DATASETS
+from dpbench.errors import BadInput
+from dpbench.mechanisms import get_mechanism
+from dpbench.recipes import recipe_for
+from dpbench.tuning.recipes_file import TunedRecipe
+from dpbench.tuning.space import MechanismSpace, SharedSpace, mechanism_space
+
+#: Fractions of a trial's steps at which the validation accuracy is reported to the pruner.
+INTERIM_FRACTIONS = (0.25, 0.5, 0.75)
+#: Trials of a mechanism that complete before the pruner may stop any.
+PRUNER_STARTUP_TRIALS = 4
+#: Failed trials (crashes) of one mechanism after which its tune stops.
+MAX_FAILURES = 5
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    mechs: tuple[str, ...]
+    dataset: str  # as given (``mnist``); trials train on ``<dataset>_val``
+    model: str | None
+    eps: float
+    trials: int
+    study: str
+    out: str
+    jobs: int = 1
+    seed: int = 0
+    accountant: str = "rdp"
+    data_dir: str | None = None
+    shared: SharedSpace = SharedSpace()
+
+    @property
+    def val_dataset(self) -> str:
+        return f"{self.dataset}_val"
+
+    @property
+    def trials_csv(self) -> str:
+        return str(Path(self.study).with_suffix(".trials.csv"))
+
+
+def storage(path: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}")
+
+
+def space_of(req: TuneRequest, mech: str) -> MechanismSpace:
+    model = req.model or recipe_for(req.dataset, mech).model
+    return mechanism_space(mech, req.shared, recipe_for(req.dataset, mech, model).optimizer)
+
+
+def study_meta(req: TuneRequest, mech: str) -> dict[str, Any]:
+    """What a study belongs to; a study file reopened for anything else is refused."""
+    space = space_of(req, mech)
+    return {"dataset": req.dataset, "model": req.model or recipe_for(req.dataset, mech).model, "eps": req.eps,
+            "accountant": req.accountant, "shared_space": asdict(req.shared), "space": space.fingerprint()}
+
+
+def check_request(req: TuneRequest) -> dict[str, dict[str, Any]]:
+    """Every check that needs no training; returns each mechanism's study metadata. Writes nothing."""
+    if req.trials < 1:
+        raise BadInput(f"--trials {req.trials}: must be at least 1")
+    if req.jobs < 1:
+        raise BadInput(f"--jobs {req.jobs}: must be at least 1")
+    if req.dataset.endswith("_val"):
+        raise BadInput(f"--dataset {req.dataset}: give the dataset to tune for ({req.dataset[:-4]}); "
+                       f"trials train on its validation split")
+    DATASETS.entry(req.dataset)
+    if req.val_dataset not in DATASETS:
+        raise BadInput(f"--dataset {req.dataset}: it has no validation split ({req.val_dataset}); the test split is "
+                       f"never used for tuning")
+    if not (req.eps > 0):
+        raise BadInput(f"--eps {req.eps}: must be positive")
+    metas = {}
+    for mech in req.mechs:
+        resolve({"mech": mech, "dataset": req.val_dataset, "model": req.model, "eps": req.eps})  # names, recipes
+        metas[mech] = study_meta(req, mech)
+    for path in (req.out, req.trials_csv):
+        if Path(path).is_dir():
+            raise BadInput(f"{path}: is a directory")
+        parent = Path(path).resolve().parent
+        probe = parent
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise BadInput(f"--out {path}: {probe} is not a directory")
+        if not os.access(probe, os.W_OK):
+            raise BadInput(f"--out {path}: {probe} is not writable")
+    if Path(req.study).exists():
+        common = {"dataset": req.dataset, "eps": req.eps, "accountant": req.accountant,
+                  "shared_space": asdict(req.shared)}
+        for summary in optuna.study.get_all_study_summaries(storage(req.study), include_best_trial=False):
+            seen = summary.user_attrs.get("dpbench")
+            if seen is None:
+                raise BadInput(f"--study {req.study}: holds study {summary.study_name!r}, not made by dpbench tune")
+            mine = metas.get(summary.study_name, {})
+            for key, ours in {**common, **{k: mine[k] for k in ("model", "space") if k in mine}}.items():
+                if seen.get(key) == json.loads(json.dumps(ours)):  # as stored: tuples come back as lists
+                    continue
+                if key in ("space", "shared_space"):
+                    what = ("its search space differs from the one asked (batch sizes, epochs, clip range, momentum "
+                            "or the mechanism's declared ranges)")
+                else:
+                    what = f"{key} {seen.get(key)!r} in the study, {ours!r} asked"
+                raise BadInput(f"--study {req.study}: belongs to another configuration ({summary.study_name}: "
+                               f"{what}); use another --study")
+    return metas
+
+
+def _sampler(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=PRUNER_STARTUP_TRIALS)
+
+
+def _pruner() -> optuna.pruners.BasePruner:
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
+
+
+def open_study(req: TuneRequest, mech: str, meta: dict[str, Any], seed: int) -> optuna.Study:
+    study = optuna.create_study(study_name=mech, storage=storage(req.study), direction="maximize",
+                                sampler=_sampler(seed), pruner=_pruner(), load_if_exists=True)
+    if "dpbench" not in study.user_attrs:
+        study.set_user_attr("dpbench", meta)
+    return study
+
+
+@contextmanager
+def _locked(path: str) -> Iterator[None]:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _count(study: optuna.Study, states: tuple) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.Trial) -> tuple[Any, float | None]:
+    """(state, value) of one trial: an ordinary run on the validation split."""
+    from dpbench.engine import Interim
+    from dpbench.engine import run as run_engine
+
+    options, params = space.sample(trial)
+    started = time.perf_counter()
+    cfg = None
+
+    def report(step: int, accuracy: float) -> None:
+        index = report.calls = getattr(report, "calls", 0) + 1
+        trial.report(accuracy, index)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"validation accuracy {accuracy:.4f} at step {step}")
+
+    try:
+        cfg = resolve({"mech": mech, "dataset": req.val_dataset, "model": req.model, "eps": req.eps, "seed": req.seed,
+                       "accountant": req.accountant, "data_dir": req.data_dir, "out": req.trials_csv,
+                       "mech_params": params, **options})
+        trial.set_user_attr("command", cfg.command())
+        row = run_engine(cfg, show_progress=False, checkpoint_every_s=math.inf,
+                         interim=Interim(INTERIM_FRACTIONS, report))
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("pruned", str(exc))
+        return optuna.trial.TrialState.PRUNED, None
+    except BadInput as exc:  # an unreachable eps or an invalid combination: pruned, never a crash
+        trial.set_user_attr("pruned", f"invalid: {exc}")
+        return optuna.trial.TrialState.PRUNED, None
+    except Exception as exc:  # noqa: BLE001 - a crashing trial is recorded and the tune goes on
+        trial.set_user_attr("error", repr(exc))
+        return optuna.trial.TrialState.FAIL, None
+    finally:
+        trial.set_user_attr("wall_s", round(time.perf_counter() - started, 3))
+    trial.set_user_attr("run_id", row["run_id"])
+    return optuna.trial.TrialState.COMPLETE, float(row["test_acc"])
+
+
+def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int) -> None:
+    """One worker: ask for trials under the lock until the mechanism has ``req.trials`` finished ones."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    if req.jobs > 1:
+        torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(req, mech, meta, req.seed * 1000 + worker)
+    space = space_of(req, mech)
+    lock = str(_ask_lock(req))
+    while True:
+        with _locked(lock):
+            if _count_fail(study) >= MAX_FAILURES:
+                return
+            busy = _count(study, FINISHED + (optuna.trial.TrialState.RUNNING,))
+            if busy >= req.trials:
+                return
+            trial = study.ask()
+        state, value = run_trial(req, mech, space, trial)
+        study.tell(trial, value, state=state)
+
+
+def _count_fail(study: optuna.Study) -> int:
+    return _count(study, (optuna.trial.TrialState.FAIL,))
+
+
+def tune(req: TuneRequest, on_mechanism: Any = None) -> list[TunedRecipe]:
+    """Run (or resume) every mechanism's study to ``req.trials`` finished trials; the best recipe of each."""
+    metas = check_request(req)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    Path(req.study).parent.mkdir(parents=True, exist_ok=True)
+    held_path = Path(req.study).with_suffix(".tune.lock")
+    with open(held_path, "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(f"--study {req.study}: another dpbench tune is running on it") from None
+        try:
+            return [r for r in (_tune_one(req, mech, metas[mech], on_mechanism) for mech in req.mechs) if r is not None]
+        finally:
+            _ask_lock(req).unlink(missing_ok=True)
+            held_path.unlink(missing_ok=True)
+
+
+def _ask_lock(req: TuneRequest) -> Path:
+    return Path(req.study).with_suffix(".ask.lock")
+
+
+def _tune_one(req: TuneRequest, mech: str, meta: dict[str, Any], on_mechanism: Any) -> TunedRecipe | None:
+    study = open_study(req, mech, meta, req.seed)
+    for left in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(left.number, state=optuna.trial.TrialState.FAIL)  # a killed tune's: run again
+    if _count(study, FINISHED) < req.trials:
+        if req.jobs == 1:
+            work(req, mech, meta, 0)
+        else:
+            context = multiprocessing.get_context("spawn")
+            workers = [context.Process(target=work, args=(req, mech, meta, i)) for i in range(req.jobs)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+    recipe = best_recipe(req, mech, study)
+    if on_mechanism is not None:
+        on_mechanism(mech, study, recipe)
+    return recipe
+
+
+def best_recipe(req: TuneRequest, mech: str, study: optuna.Study) -> TunedRecipe | None:
+    """The best completed trial as a recipe for the dataset tuned for, with the study's budget."""
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in FINISHED]
+    done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return None
+    best = max(done, key=lambda t: (t.value, -t.number))
+    p = best.params
+    model = req.model or recipe_for(req.dataset, mech).model
+    base = recipe_for(req.dataset, mech, model)
+    return TunedRecipe(
+        mech=mech, dataset=req.dataset, model=model, eps=req.eps if get_mechanism(mech).private else math.inf, batch_size=int(p["batch_size"]),
+        epochs=float(p["epochs"]), lr=float(p["lr"]), optimizer=base.optimizer, momentum=float(p["momentum"]),
+        clip=float(p.get("clip", base.clip)), source=f"{req.study}#{best.number}", val_acc=float(best.value),
+        trials=len(finished), pruned=len(finished) - len(done),
+        cpu_s=round(sum(float(t.user_attrs.get("wall_s", 0.0)) for t in trials), 1),
+        mech_params={k[4:]: v for k, v in p.items() if k.startswith("set.")})
