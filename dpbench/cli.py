@@ -331,6 +331,13 @@ def tune(
         kept = read_recipes(out_toml) if Path(out_toml).exists() else []
 
         def done(name, study_, recipe) -> None:  # noqa: ANN001
+            from dpbench.tuning.runner import FINISHED, MAX_FAILURES
+
+            finished = len(study_.get_trials(deepcopy=False, states=FINISHED))
+            if finished < trials:
+                err.print(f"[yellow]warning:[/] {name} stopped at {finished} of {trials} trials after {MAX_FAILURES} "
+                          f"failed ones (their errors and commands are in the study's trial attributes): its budget "
+                          f"is not the others'", highlight=False, soft_wrap=True)
             if recipe is None:
                 out.print(f"{name}: no completed trial (all pruned or failed); no recipe", highlight=False)
             else:

@@ -170,11 +170,12 @@ def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.
 
     options, params = space.sample(trial)
     started = time.perf_counter()
-    cfg = None
+    reports = 0
 
     def report(step: int, accuracy: float) -> None:
-        index = report.calls = getattr(report, "calls", 0) + 1
-        trial.report(accuracy, index)
+        nonlocal reports
+        reports += 1  # the pruner compares trials at the same fraction of their steps, whatever their horizon
+        trial.report(accuracy, reports)
         if trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {accuracy:.4f} at step {step}")
 
@@ -200,8 +201,9 @@ def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.
     return optuna.trial.TrialState.COMPLETE, float(row["test_acc"])
 
 
-def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int) -> None:
-    """One worker: ask for trials under the lock until the mechanism has ``req.trials`` finished ones."""
+def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failures_before: int = 0) -> None:
+    """One worker: ask for trials under the lock until the mechanism has ``req.trials`` finished ones, or
+    ``MAX_FAILURES`` trials failed in this invocation (``failures_before`` failed earlier)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -213,7 +215,7 @@ def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int) -> None
     lock = str(_ask_lock(req))
     while True:
         with _locked(lock):
-            if _count_fail(study) >= MAX_FAILURES:
+            if _count_fail(study) - failures_before >= MAX_FAILURES:
                 return
             busy = _count(study, FINISHED + (optuna.trial.TrialState.RUNNING,))
             if busy >= req.trials:
@@ -253,12 +255,13 @@ def _tune_one(req: TuneRequest, mech: str, meta: dict[str, Any], on_mechanism: A
     study = open_study(req, mech, meta, req.seed)
     for left in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(left.number, state=optuna.trial.TrialState.FAIL)  # a killed tune's: run again
+    failed = _count_fail(study)
     if _count(study, FINISHED) < req.trials:
         if req.jobs == 1:
-            work(req, mech, meta, 0)
+            work(req, mech, meta, 0, failed)
         else:
             context = multiprocessing.get_context("spawn")
-            workers = [context.Process(target=work, args=(req, mech, meta, i)) for i in range(req.jobs)]
+            workers = [context.Process(target=work, args=(req, mech, meta, i, failed)) for i in range(req.jobs)]
             for w in workers:
                 w.start()
             for w in workers:
