@@ -13,10 +13,13 @@ import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpbench.errors import BadInput
 from dpbench.recipes import recipe_for
+
+if TYPE_CHECKING:
+    from dpbench.tuning.recipes_file import TunedRecipe
 
 #: Smallest accepted clipping bound: below it float32 products of per-sample gradients reach the subnormal
 #: range, where rounding is no longer relative and a contribution could pass C (persample/norms.py).
@@ -212,7 +215,7 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
     return RunConfig(**merged)
 
 
-def tuned_recipe(path: str, mech: str, dataset: str, model: str | None, eps: float):  # noqa: ANN201
+def tuned_recipe(path: str, mech: str, dataset: str, model: str | None, eps: float) -> "TunedRecipe":
     """The tuned recipe of ``path`` for this run (the dataset's base: ``mnist_val`` reads ``mnist``'s)."""
     import sys
 

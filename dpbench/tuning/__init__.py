@@ -1,5 +1,5 @@
 """``dpbench tune``: equal-budget hyperparameter search on validation splits (Optuna, SQLite).
 
-``recipes_file`` (reading and writing tuned recipes) needs no Optuna; ``space``, ``study`` and
-``runner`` do, and are imported only by ``dpbench tune``.
+``recipes_file`` (reading and writing tuned recipes) needs no Optuna; ``space``, ``runner``, ``plots``
+and ``summary`` import it, and only ``dpbench tune`` and reports of tuned rows import them.
 """
