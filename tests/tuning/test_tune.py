@@ -44,18 +44,18 @@ def rows(path: str = "t/recipes.trials.csv") -> list[dict]:
 
 
 def test_equal_budget_on_the_validation_split_and_a_recipe_per_mechanism():
-    res = tune_cli("--mech", "dpsgd,auto_s", "--trials", "4")
+    res = tune_cli("--mech", "dpsgd,auto_s", "--trials", "3")
     assert res.exit_code == 0, res.output
     by_mech = studies()
     assert sorted(by_mech) == ["auto_s", "dpsgd"]
-    assert all(len(finished(t)) == 4 for t in by_mech.values())  # the same budget for every mechanism
+    assert all(len(finished(t)) == 3 for t in by_mech.values())  # the same budget for every mechanism
     trial_rows = rows()
     assert trial_rows and {r["dataset"] for r in trial_rows} == {"synthetic_val"}  # never the test split
     assert {r["eps_target"] for r in trial_rows} == {"4.0"} and all(float(r["eps_spent"]) <= 4 for r in trial_rows)
     recipes = {r.mech: r for r in read_recipes("t/recipes.toml")}
     assert sorted(recipes) == ["auto_s", "dpsgd"]
     for mech, recipe in recipes.items():
-        assert recipe.dataset == "synthetic" and recipe.model == "linear" and recipe.eps == 4.0 and recipe.trials == 4
+        assert recipe.dataset == "synthetic" and recipe.model == "linear" and recipe.eps == 4.0 and recipe.trials == 3
         study_file, number = recipe.source.rsplit("#", 1)
         best = by_mech[mech][int(number)]
         assert Path(study_file) == Path("t/recipes.db").resolve() or study_file == "t/recipes.db"
@@ -68,13 +68,13 @@ def test_equal_budget_on_the_validation_split_and_a_recipe_per_mechanism():
     # a finished tune trains nothing, rewrites --out and exits 0
     Path("t/recipes.toml").unlink()
     before = len(rows())
-    again = tune_cli("--mech", "dpsgd,auto_s", "--trials", "4")
+    again = tune_cli("--mech", "dpsgd,auto_s", "--trials", "3")
     assert again.exit_code == 0 and len(rows()) == before and Path("t/recipes.toml").exists()
     assert {r.source for r in read_recipes("t/recipes.toml")} == {r.source for r in recipes.values()}
 
     # the budget is the total: raising it runs only the difference
-    more = tune_cli("--mech", "dpsgd", "--trials", "6")
-    assert more.exit_code == 0 and len(finished(studies()["dpsgd"])) == 6 and len(finished(studies()["auto_s"])) == 4
+    more = tune_cli("--mech", "dpsgd", "--trials", "4")
+    assert more.exit_code == 0 and len(finished(studies()["dpsgd"])) == 4 and len(finished(studies()["auto_s"])) == 3
     assert {r.mech for r in read_recipes("t/recipes.toml")} == {"dpsgd", "auto_s"}  # auto_s's entry is kept
 
 
@@ -85,12 +85,12 @@ def test_parallel_workers_never_overshoot_the_budget():
 
 
 def test_a_killed_tune_resumes_and_its_running_trial_is_run_again():
-    assert tune_cli("--mech", "dpsgd", "--trials", "2").exit_code == 0
+    assert tune_cli("--mech", "dpsgd", "--trials", "1").exit_code == 0
     study = optuna.load_study(study_name="dpsgd", storage=f"sqlite:///{Path('t/recipes.db').resolve()}")
     study.ask()  # a trial a killed tune left running
-    assert tune_cli("--mech", "dpsgd", "--trials", "3").exit_code == 0
+    assert tune_cli("--mech", "dpsgd", "--trials", "2").exit_code == 0
     trials = studies()["dpsgd"]
-    assert len(finished(trials)) == 3 and sum(t.state == optuna.trial.TrialState.FAIL for t in trials) == 1
+    assert len(finished(trials)) == 2 and sum(t.state == optuna.trial.TrialState.FAIL for t in trials) == 1
 
 
 class Unreachable(DPSGD):
@@ -124,19 +124,19 @@ def request(mech: str, trials: int) -> TuneRequest:
 
 def test_an_unreachable_eps_is_a_pruned_trial_and_a_crash_a_failed_one(monkeypatch):
     register(monkeypatch, Unreachable)
-    assert tune(request("unreachable", 3)) == []  # no completed trial, no recipe, no crash
+    assert tune(request("unreachable", 2)) == []  # no completed trial, no recipe, no crash
     trials = studies("t/study.db")["unreachable"]
-    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.PRUNED for t in trials)
     assert all("unreachable" in t.user_attrs["pruned"] for t in trials)
 
     register(monkeypatch, CrashesAtLargeLr)
-    req = TuneRequest(mechs=("crashy",), dataset="synthetic", model="linear", eps=4.0, trials=4,
+    req = TuneRequest(mechs=("crashy",), dataset="synthetic", model="linear", eps=4.0, trials=3,
                       study="t/crashy.db", out="t/c.toml", shared=SHARED)
     recipes = tune(req)
     trials = studies("t/crashy.db")["crashy"]
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed and all("boom" in t.user_attrs["error"] and "dpbench run" in t.user_attrs["command"] for t in failed)
-    assert len(finished(trials)) == 4 or len(failed) == 5  # the tune went on past the crashes
+    assert len(finished(trials)) == 3 or len(failed) == 5  # the tune went on past the crashes
     assert all(r.lr <= 0.3 for r in recipes)
 
 
@@ -181,7 +181,7 @@ def test_a_study_of_another_configuration_or_an_unwritable_out_is_refused():
 
 
 def test_run_uses_the_tuned_recipe_and_records_where_it_came_from():
-    assert tune_cli("--mech", "dpsgd", "--trials", "2").exit_code == 0
+    assert tune_cli("--mech", "dpsgd", "--trials", "1").exit_code == 0
     (recipe,) = read_recipes("t/recipes.toml")
     res = runner.invoke(app, ["run", "--mech", "dpsgd", "--dataset", "synthetic", "--model", "linear", "--eps", "4",
                               "--recipes", "t/recipes.toml", "--quiet", "--out", "final.csv"])
@@ -200,7 +200,7 @@ def test_run_uses_the_tuned_recipe_and_records_where_it_came_from():
     budget = next(line for line in report.output.splitlines() if line.startswith("| dpsgd | `t/recipes.db`"))
     cells = [c.strip() for c in budget.split("|")[1:-1]]
     study = studies()["dpsgd"]
-    assert cells[2] == "2" and cells[3] == str(sum(t.state == optuna.trial.TrialState.PRUNED for t in study))
+    assert cells[2] == "1" and cells[3] == str(sum(t.state == optuna.trial.TrialState.PRUNED for t in study))
     assert cells[6] == f"{100 * recipe.val_acc:.2f} %" and cells[7] == recipe.source.rsplit("#", 1)[1]
     missing = runner.invoke(app, ["run", "--mech", "auto_s", "--dataset", "synthetic", "--eps", "4",
                                   "--recipes", "t/recipes.toml", "--quiet", "--out", "x.csv"])
@@ -208,7 +208,7 @@ def test_run_uses_the_tuned_recipe_and_records_where_it_came_from():
 
 
 def test_a_sweep_with_tuned_recipes_records_their_source():
-    assert tune_cli("--mech", "dpsgd", "--trials", "2").exit_code == 0
+    assert tune_cli("--mech", "dpsgd", "--trials", "1").exit_code == 0
     (recipe,) = read_recipes("t/recipes.toml")
     Path("spec.toml").write_text('recipes = "t/recipes.toml"\n[grid]\nmech = ["dpsgd"]\ndataset = ["synthetic"]\n'
                                  'model = ["linear"]\neps = [4]\nseed = [0]\n')
