@@ -19,7 +19,7 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
-from dpbench.data.base import DatasetBundle, offline_roots, validation_split
+from dpbench.data.base import DatasetBundle, offline_roots, validation_split, validation_variant
 from dpbench.storage import atomic_write, cache_dir, cache_remedy, reading_data_file, source_remedy
 from dpbench.errors import BadInput
 
@@ -125,13 +125,15 @@ def load_fmnist(data_dir: str | None = None) -> DatasetBundle:
 
 
 # Validation splits for tuning: the test split stays untouched until the final runs.
-@DATASETS.register("mnist_val", train_size=50000, num_classes=10, variant="mnist-val10k", base="mnist",
+@DATASETS.register("mnist_val", train_size=50000, num_classes=10, base="mnist",
+                   variant=validation_variant("mnist", VALIDATION_HOLDOUT),
                    summary="MNIST for tuning: train on the first 50k training images, evaluate on the last 10k")
 def load_mnist_val(data_dir: str | None = None) -> DatasetBundle:
     return validation_split(load_mnist(data_dir), VALIDATION_HOLDOUT)
 
 
-@DATASETS.register("fmnist_val", train_size=50000, num_classes=10, variant="fmnist-val10k", base="fmnist",
+@DATASETS.register("fmnist_val", train_size=50000, num_classes=10, base="fmnist",
+                   variant=validation_variant("fmnist", VALIDATION_HOLDOUT),
                    summary="Fashion-MNIST for tuning: train on the first 50k training images, evaluate on the last 10k")
 def load_fmnist_val(data_dir: str | None = None) -> DatasetBundle:
     return validation_split(load_fmnist(data_dir), VALIDATION_HOLDOUT)

@@ -143,8 +143,9 @@ def account(mech: "Mechanism", noise_multiplier: float, q: float, steps: int, de
     else:
         eps_rdp, _ = eps_opacus(SGM_ORDERS, sgm_rdp(q, noise_multiplier, steps, SGM_ORDERS), delta)
     if own > HARD_MAX_RDP_EPS[accountant]:
-        raise BadInput(f"--accountant {accountant}: this noise ({noise_multiplier:g}) spends eps {own:.4g} by RDP, beyond "
-                       f"what {accountant.upper()} is computed for here (its grid grows with eps); use --accountant rdp")
+        raise BadInput(f"--accountant {accountant}: this noise ({noise_multiplier:g}) spends eps {own:.4g} by RDP, "
+                       f"beyond what {accountant.upper()} is computed for here (its grid grows with eps); "
+                       f"use --accountant rdp")
     by: dict[str, float | None] = {"rdp": own}
     for other in ("pld", "prv"):
         wanted = other == accountant or (with_others and own <= MAX_EPS[other])

@@ -15,7 +15,7 @@ import math
 import warnings
 from functools import lru_cache
 
-from dpbench.privacy.release import Release, is_non_private
+from dpbench.privacy.release import Release, accounted_parts
 
 #: Value discretisation of the PLD (the interval on the privacy-loss axis).
 PLD_DISCRETIZATION = 1e-4
@@ -26,10 +26,9 @@ PLD_MAX_EPS = 100.0
 
 def pld_eps(release: Release, delta: float, discretization: float = PLD_DISCRETIZATION) -> float:
     """eps of ``release`` at ``delta`` by dp_accounting's PLD accountant."""
-    if is_non_private(release):
+    parts = accounted_parts(release)
+    if parts is None:
         return math.inf
-    parts = tuple((float(p.noise_multiplier), float(p.rate), int(p.steps)) for p in release
-                  if p.steps > 0 and p.rate > 0)
     if not parts:
         return 0.0
     return _pld_eps(parts, float(delta), float(discretization))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from dpbench.privacy.release import Release, is_non_private
+from dpbench.privacy.release import Release, accounted_parts
 
 #: PRV's eps error, relative to the eps measured, and never above Opacus' default 0.01.
 PRV_RELATIVE_ERROR = 0.01
@@ -26,16 +26,15 @@ def prv_error(eps_estimate: float) -> float:
 
 def prv_eps(release: Release, delta: float, eps_error: float = 0.01) -> float | None:
     """eps of ``release`` at ``delta`` by Opacus' PRV accountant; None where it cannot answer."""
-    if is_non_private(release):
+    history = accounted_parts(release)
+    if history is None:
         return math.inf
-    history = [(float(p.noise_multiplier), float(p.rate), int(p.steps)) for p in release
-               if p.steps > 0 and p.rate > 0]
     if not history:
         return 0.0
     from opacus.accountants import PRVAccountant
 
     accountant = PRVAccountant()
-    accountant.history = history
+    accountant.history = list(history)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -41,6 +41,9 @@ def release_rdp(release: Release, orders: Sequence[float]) -> np.ndarray:
     return total
 
 
-def is_non_private(release: Release) -> bool:
-    """Whether some part releases a record without noise (eps infinite)."""
-    return any(p.noise_multiplier <= 0 and p.rate > 0 and p.steps > 0 for p in release)
+def accounted_parts(release: Release) -> tuple[tuple[float, float, int], ...] | None:
+    """(noise, rate, steps) of the parts that can reveal a record (some steps at a positive rate), as the PLD and
+    PRV accountants take them; None when one of them adds no noise (eps is infinite)."""
+    parts = tuple((float(p.noise_multiplier), float(p.rate), int(p.steps)) for p in release
+                  if p.steps > 0 and p.rate > 0)
+    return None if any(noise <= 0 for noise, _, _ in parts) else parts

@@ -9,31 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dpbench.config import load_toml
 from dpbench.errors import BadInput
+from dpbench.recipes import Recipe
 from dpbench.storage import write_text_atomic
 
-#: Hyperparameters a tuned recipe sets (the RunConfig fields of the same names).
-HYPERPARAMETERS = ("batch_size", "epochs", "lr", "optimizer", "momentum", "clip")
+#: The fields a recipe sets, in the order they are written (``Recipe``'s, then the tuned recipe's key first).
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 
 
-@dataclass(frozen=True)
-class TunedRecipe:
+@dataclass(frozen=True, kw_only=True)
+class TunedRecipe(Recipe):
+    """A built-in recipe's fields (``source`` = "<study file>#<trial number>"), for one (mech, dataset, eps),
+    with the tuning budget behind it."""
+
     mech: str
     dataset: str  # the dataset tuned for (the base of the validation split)
-    model: str
     eps: float
-    batch_size: int
-    epochs: float
-    lr: float
-    optimizer: str
-    momentum: float
-    clip: float
-    source: str  # "<study file>#<trial number>"
     val_acc: float
     trials: int  # finished trials of this mechanism's study (completed + pruned)
     pruned: int
@@ -41,8 +37,8 @@ class TunedRecipe:
     mech_params: dict[str, Any] = field(default_factory=dict)
 
     def options(self) -> dict[str, Any]:
-        """The ``resolve`` options this recipe sets."""
-        return {**{k: getattr(self, k) for k in HYPERPARAMETERS}, "model": self.model}
+        """The ``resolve`` options this recipe sets (everything but its source)."""
+        return {k: getattr(self, k) for k in RECIPE_FIELDS if k != "source"}
 
 
 def _toml_value(value: Any) -> str:
@@ -60,8 +56,7 @@ def write_recipes(path: str | Path, recipes: list[TunedRecipe], header: str) -> 
     lines = [f"# {line}" for line in header.splitlines()] + [""]
     for r in sorted(recipes, key=lambda r: (r.dataset, r.model, r.mech, r.eps)):
         lines.append("[[recipe]]")
-        for key in ("mech", "dataset", "model", "eps", *HYPERPARAMETERS, "source", "val_acc", "trials", "pruned",
-                    "cpu_s"):
+        for key in ("mech", "dataset", "eps", *RECIPE_FIELDS, "val_acc", "trials", "pruned", "cpu_s"):
             lines.append(f"{key} = {_toml_value(getattr(r, key))}")
         if r.mech_params:
             inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in sorted(r.mech_params.items()))

@@ -29,7 +29,7 @@ from dpbench.config import resolve
 from dpbench.data import DATASETS
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
-from dpbench.recipes import recipe_for
+from dpbench.recipes import Recipe, recipe_for
 from dpbench.tuning.recipes_file import TunedRecipe
 from dpbench.tuning.space import MechanismSpace, SharedSpace, mechanism_space
 
@@ -70,16 +70,25 @@ def storage(path: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{Path(path).resolve()}")
 
 
+def base_recipe(req: TuneRequest, mech: str) -> Recipe:
+    """The built-in recipe of ``mech`` for the tuned dataset and model (its optimizer and clip are kept)."""
+    return recipe_for(req.dataset, mech, req.model)
+
+
+def tuned_model(req: TuneRequest, mech: str) -> str:
+    """The model tuned: ``--model``, else the recipe's (a (dataset, model) with no recipe of its own falls back
+    to the dataset's, whose model is another)."""
+    return req.model or base_recipe(req, mech).model
+
+
 def space_of(req: TuneRequest, mech: str) -> MechanismSpace:
-    model = req.model or recipe_for(req.dataset, mech).model
-    return mechanism_space(mech, req.shared, recipe_for(req.dataset, mech, model).optimizer)
+    return mechanism_space(mech, req.shared, base_recipe(req, mech).optimizer)
 
 
 def study_meta(req: TuneRequest, mech: str) -> dict[str, Any]:
     """What a study belongs to; a study file reopened for anything else is refused."""
-    space = space_of(req, mech)
-    return {"dataset": req.dataset, "model": req.model or recipe_for(req.dataset, mech).model, "eps": req.eps,
-            "accountant": req.accountant, "shared_space": asdict(req.shared), "space": space.fingerprint()}
+    return {"dataset": req.dataset, "model": tuned_model(req, mech), "eps": req.eps, "accountant": req.accountant,
+            "shared_space": asdict(req.shared), "space": space_of(req, mech).fingerprint()}
 
 
 def check_request(req: TuneRequest) -> dict[str, dict[str, Any]]:
@@ -204,10 +213,9 @@ def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.
 def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failures_before: int = 0) -> None:
     """One worker: ask for trials under the lock until the mechanism has ``req.trials`` finished ones, or
     ``MAX_FAILURES`` trials failed in this invocation (``failures_before`` failed earlier)."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    if req.jobs > 1:
+    if req.jobs > 1:  # J workers share the cores
         torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(req, mech, meta, req.seed * 1000 + worker)
@@ -281,10 +289,10 @@ def best_recipe(req: TuneRequest, mech: str, study: optuna.Study) -> TunedRecipe
         return None
     best = max(done, key=lambda t: (t.value, -t.number))
     p = best.params
-    model = req.model or recipe_for(req.dataset, mech).model
-    base = recipe_for(req.dataset, mech, model)
+    base = base_recipe(req, mech)
     return TunedRecipe(
-        mech=mech, dataset=req.dataset, model=model, eps=req.eps if get_mechanism(mech).private else math.inf, batch_size=int(p["batch_size"]),
+        mech=mech, dataset=req.dataset, model=tuned_model(req, mech),
+        eps=req.eps if get_mechanism(mech).private else math.inf, batch_size=int(p["batch_size"]),
         epochs=float(p["epochs"]), lr=float(p["lr"]), optimizer=base.optimizer, momentum=float(p["momentum"]),
         clip=float(p.get("clip", base.clip)), source=f"{req.study}#{best.number}", val_acc=float(best.value),
         trials=len(finished), pruned=len(finished) - len(done),
