@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[dev,ray]'
 	touch $(STAMP)
 
 test: install

@@ -63,6 +63,9 @@ class Checkpointer:
         self.path.unlink(missing_ok=True)
 
 
-def checkpoint_path(out_csv: str | Path, config_hash: str, seed: int, secure: bool = False) -> Path:
-    """``<csv folder>/checkpoints/<config_hash>-seed<seed>[-secure].pt``: one per configuration, seed and mode."""
-    return Path(out_csv).parent / "checkpoints" / f"{config_hash}-seed{seed}{'-secure' if secure else ''}.pt"
+def checkpoint_path(out_csv: str | Path, config_hash: str, seed: int, secure: bool = False,
+                    folder: str | Path | None = None) -> Path:
+    """``<folder>/<config_hash>-seed<seed>[-secure].pt``: one per configuration, seed and mode. ``folder``
+    defaults to ``<csv folder>/checkpoints`` (a Ray sweep names shared storage instead)."""
+    folder = Path(folder) if folder is not None else Path(out_csv).parent / "checkpoints"
+    return folder / f"{config_hash}-seed{seed}{'-secure' if secure else ''}.pt"

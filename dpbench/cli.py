@@ -53,6 +53,14 @@ ACCOUNTANT_HELP = (
     "default), pld (privacy loss distributions, Google's dp_accounting: the tightest) or prv (Opacus). pld and prv "
     "need a release made of sampled Gaussians: modelmix and ged take rdp only")
 AccountantOption = Annotated[Optional[str], typer.Option(help=ACCOUNTANT_HELP)]
+BackendOption = Annotated[str, typer.Option(help=(
+    "local (processes on this machine) or ray (Ray tasks; needs the ray extra: pip install 'dpbench[ray]')"))]
+AddressOption = Annotated[Optional[str], typer.Option(help=(
+    "with --backend ray: the cluster to join (e.g. 10.0.0.1:6379, as printed by 'ray start --head'); "
+    "default: start a local Ray instance"))]
+CpusPerRunOption = Annotated[float, typer.Option(help="with --backend ray: CPUs each run requests (its torch threads)")]
+GpusPerRunOption = Annotated[float, typer.Option(help=(
+    "with --backend ray: GPUs each run requests; a fraction (0.25) lets several runs share one GPU"))]
 
 
 #: The flags of run and audit that become RunConfig fields.
@@ -109,6 +117,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="continue from this configuration's checkpoint "
                                 "(<folder of --out>/checkpoints/; --secure runs keep their own)"),
     checkpoint_every: float = typer.Option(300.0, help="seconds between checkpoints"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help=(
+        "folder of this run's checkpoint (default: <folder of --out>/checkpoints/)")),
 ) -> None:
     """Train one model under (eps, delta)-DP and append one row to the results CSV.
 
@@ -126,7 +136,8 @@ def run(
         _warn_ignored_eps(cfg.mech, eps)
         if not checkpoint_every > 0:
             raise BadInput(f"--checkpoint-every {checkpoint_every}: must be a positive number of seconds")
-        row = run_engine(cfg, show_progress=not quiet, resume=resume, checkpoint_every_s=checkpoint_every)
+        row = run_engine(cfg, show_progress=not quiet, resume=resume, checkpoint_every_s=checkpoint_every,
+                         checkpoint_dir=checkpoint_dir)
     except BadInput as exc:
         raise fail(exc)
     _print_summary(row, cfg.out)
@@ -246,8 +257,21 @@ def sweep(
     data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
     out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV (default: spec's out, else results/sweep.csv)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the configurations and exit"),
+    backend: BackendOption = "local",
+    address: AddressOption = None,
+    cpus_per_run: CpusPerRunOption = 1.0,
+    gpus_per_run: GpusPerRunOption = 0.0,
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help=(
+        "checkpoints of the runs (default: <folder of --out>/checkpoints/); with --backend ray, storage that "
+        "every node reaches, so that a retried run resumes")),
 ) -> None:
-    """Run a grid of configurations, skipping those already in the CSV; resumable and crash-safe."""
+    """Run a grid of configurations, skipping those already in the CSV; resumable and crash-safe.
+
+    --backend ray runs each configuration as a Ray task (a local instance, or the cluster at --address);
+    the driver alone writes the CSV, and a task whose node dies is retried, so every configuration gets
+    exactly one row.
+    """
+    from dpbench.distributed import check_backend
     from dpbench.sweep import SweepSpec, expand, read_spec, run_sweep
 
     try:
@@ -275,12 +299,19 @@ def sweep(
 
             for d in device_list:
                 resolve_device(d)
+        check_backend(backend, address, cpus_per_run, gpus_per_run)
         configs = expand(spec)
         if dry_run:
             for c in configs:
                 out.print(c.command(), highlight=False, soft_wrap=True)
             return
-        outcomes = run_sweep(configs, out_path, jobs=jobs, devices=device_list)
+        if backend == "ray":
+            from dpbench.distributed import run_sweep_ray
+
+            outcomes = run_sweep_ray(configs, out_path, address=address, cpus_per_run=cpus_per_run,
+                                     gpus_per_run=gpus_per_run, checkpoint_dir=checkpoint_dir)
+        else:
+            outcomes = run_sweep(configs, out_path, jobs=jobs, devices=device_list, checkpoint_dir=checkpoint_dir)
     except BadInput as exc:
         raise fail(exc)
     if any(not o.ok for o in outcomes):
@@ -304,6 +335,10 @@ def tune(
     batch_sizes: str = typer.Option("256,512,1024,2048", help="batch sizes searched (shared by every mechanism)"),
     epoch_choices: str = typer.Option("5,10,20", help="epochs searched (shared by every mechanism)"),
     data_dir: DataDirOption = None,
+    backend: BackendOption = "local",
+    address: AddressOption = None,
+    cpus_per_run: CpusPerRunOption = 1.0,
+    gpus_per_run: GpusPerRunOption = 0.0,
 ) -> None:
     """Equal-budget hyperparameter search (Optuna, TPE sampler, median pruner) on the validation split.
 
@@ -311,7 +346,8 @@ def tune(
     tunable parameters, cut by its declared constraints. Writes the best configuration per mechanism to
     --out, the study beside it, one row per completed trial to <study>.trials.csv. A killed tune resumes;
     a finished one trains nothing. Tuning is NOT privacy-accounted (as in every seed paper): only each
-    final run's eps is.
+    final run's eps is. --backend ray runs the trials as Ray tasks (--jobs at a time); this process keeps
+    the study.
     """
     from dpbench.tuning.recipes_file import read_recipes, write_recipes
     from dpbench.tuning.runner import TuneRequest, tune as run_tune
@@ -325,9 +361,13 @@ def tune(
             raise BadInput(f"--out {out_toml}: must be a .toml file")
         shared = SharedSpace(batch_sizes=tuple(_split(batch_sizes, int) or ()),
                              epochs=tuple(_split(epoch_choices, float) or ()))
+        from dpbench.distributed import check_backend
+
+        check_backend(backend, address, cpus_per_run, gpus_per_run)
         req = TuneRequest(mechs=mechs, dataset=dataset, model=model, eps=eps, trials=trials,
                           study=study or str(Path(out_toml).with_suffix(".db")), out=out_toml, jobs=jobs, seed=seed,
-                          accountant=accountant or "rdp", data_dir=data_dir, shared=shared)
+                          accountant=accountant or "rdp", data_dir=data_dir, shared=shared, backend=backend,
+                          address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
         kept = read_recipes(out_toml) if Path(out_toml).exists() else []
 
         def done(name, study_, recipe) -> None:  # noqa: ANN001

@@ -36,8 +36,7 @@ from dpbench.pipeline import prepare
 from dpbench.progress import TrainingProgress
 from dpbench.runstate import RunState
 from dpbench.step import Batches, nonprivate_step, private_step
-from dpbench.results import append_row, run_record_path
-from dpbench.storage import write_json_atomic
+from dpbench.results import record_run
 
 DEFAULT_PHYSICAL_BATCH = 1024
 
@@ -215,21 +214,48 @@ def _now() -> str:
 
 
 def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
-        checkpoint_every_s: float = 300.0, interim: Interim | None = None) -> dict[str, Any]:
+        checkpoint_every_s: float = 300.0, interim: Interim | None = None,
+        checkpoint_dir: str | None = None) -> dict[str, Any]:
     """Validate, calibrate, train, evaluate and record one run; returns the CSV row.
 
-    A checkpoint is kept beside the CSV while the run trains; ``resume`` continues from it.
+    A checkpoint is kept beside the CSV (or in ``checkpoint_dir``) while the run trains; ``resume``
+    continues from it.
+    """
+    result = execute(cfg, show_progress=show_progress, resume=resume, checkpoint_every_s=checkpoint_every_s,
+                     interim=interim, checkpoint_dir=checkpoint_dir)
+    record_run(cfg.out, result.row, result.record)
+    result.checkpoint.clear()
+    return result.row
+
+
+@dataclass
+class Executed:
+    """A finished run not yet recorded: its CSV row, its run record, and the checkpoint to clear once the
+    row is written (a run whose row was lost continues from it)."""
+
+    row: dict[str, Any]
+    record: dict[str, Any]
+    checkpoint: Checkpointer
+
+
+def execute(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False, checkpoint_every_s: float = 300.0,
+            interim: Interim | None = None, checkpoint_dir: str | None = None,
+            check_out: bool = True) -> Executed:
+    """Validate, calibrate, train and evaluate one run, writing nothing but checkpoints.
+
+    ``check_out=False`` skips the checks of ``cfg.out`` (a Ray task on a node that cannot see the
+    driver's CSV: the driver checked it and writes the row).
     """
     started = _now()
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, check_out=check_out)
     device, mech, data, noise, privacy = prepared.device, prepared.mech, prepared.data, prepared.noise, prepared.privacy
     n, q, steps = prepared.n, prepared.q, prepared.steps
 
     meter = LoadMeter()
     config_hash = cfg.hash(data.variant)
-    checkpointer = Checkpointer(checkpoint_path(cfg.out, config_hash, cfg.seed, cfg.secure), checkpoint_every_s,
-                                secure=cfg.secure)
-    reproducible_checkpoint = checkpoint_path(cfg.out, config_hash, cfg.seed, secure=False)
+    checkpointer = Checkpointer(checkpoint_path(cfg.out, config_hash, cfg.seed, cfg.secure, checkpoint_dir),
+                                checkpoint_every_s, secure=cfg.secure)
+    reproducible_checkpoint = checkpoint_path(cfg.out, config_hash, cfg.seed, secure=False, folder=checkpoint_dir)
     if resume and cfg.secure and not checkpointer.path.exists() and reproducible_checkpoint.exists():
         warn(f"{reproducible_checkpoint} is a checkpoint of a reproducible run of this configuration; a --secure "
              "run never continues one (its randomness is derived from --seed), so this run starts afresh")
@@ -258,10 +284,7 @@ def run(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
               "model_parameters": count_parameters(outcome.model), "train_size": n,
               "final_train_loss": outcome.final_train_loss}
-    write_json_atomic(run_record_path(cfg.out, run_id), record)
-    append_row(cfg.out, row)
-    checkpointer.clear()
-    return row
+    return Executed(row, record, checkpointer)
 
 
 def _round(v: float | None) -> float | None:

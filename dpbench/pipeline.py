@@ -58,7 +58,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig, *, schema: CsvSchema = RUNS, raw_data: DataHook | None = None,
-            model_data: DataHook | None = None, with_others: bool = True) -> Prepared:
+            model_data: DataHook | None = None, with_others: bool = True, check_out: bool = True) -> Prepared:
     """Check, load, calibrate and account one configuration.
 
     Cheap checks come first, so a typo never waits for (or triggers) a download. ``raw_data`` adapts the
@@ -69,8 +69,9 @@ def prepare(cfg: RunConfig, *, schema: CsvSchema = RUNS, raw_data: DataHook | No
     MODELS.entry(cfg.model)
     validate_options(cfg)
     check_accountant(mech, cfg.accountant)
-    check_writable(cfg.out)
-    check_compatible(Path(cfg.out), schema)
+    if check_out:
+        check_writable(cfg.out)
+        check_compatible(Path(cfg.out), schema)
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if raw_data is not None:
         data = raw_data(data)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dpbench.errors import BadInput
-from dpbench.storage import write_text_atomic
+from dpbench.storage import write_json_atomic, write_text_atomic
 
 #: Required columns, in this order (design.md); more may follow.
 COLUMNS: tuple[str, ...] = (
@@ -146,6 +146,12 @@ def _upgrade_header(path: Path, schema: CsvSchema) -> None:
     for old in rows:
         writer.writerow([old.get(c, old.get(schema.backfill.get(c, ""), "")) for c in schema.columns])
     write_text_atomic(path, buf.getvalue())
+
+
+def record_run(out_csv: str | Path, row: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write a finished run: its record first, then its row (a row always has its record)."""
+    write_json_atomic(run_record_path(out_csv, row["run_id"]), record)
+    append_row(out_csv, row)
 
 
 def run_record_path(out_csv: str | Path, run_id: str) -> Path:

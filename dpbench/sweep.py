@@ -118,7 +118,7 @@ def finished_keys(csv_path: str | Path) -> set[tuple[str, int]]:
     return {(h, int(s)) for h, s in zip(df["config_hash"], df["seed"])}
 
 
-def run_command(cfg: RunConfig, out: str, device: str) -> list[str]:
+def run_command(cfg: RunConfig, out: str, device: str, checkpoint_dir: str | None = None) -> list[str]:
     """The ``dpbench run`` command of one configuration (as a list for subprocess).
 
     Not ``--quiet``: its stderr is a pipe, so it prints plain progress lines, which the sweep shows.
@@ -126,6 +126,8 @@ def run_command(cfg: RunConfig, out: str, device: str) -> list[str]:
     args = shlex.split(cfg.command())[2:] + ["--out", out, "--device", device, "--resume"]
     if cfg.data_dir:
         args += ["--data-dir", cfg.data_dir]
+    if checkpoint_dir:
+        args += ["--checkpoint-dir", checkpoint_dir]
     return [sys.executable, "-m", "dpbench.cli", "run", *args]
 
 
@@ -145,34 +147,29 @@ class Outcome:
     detail: str = ""
 
 
-def _label(cfg: RunConfig) -> str:
+def label(cfg: RunConfig) -> str:
     eps = "inf" if cfg.eps == float("inf") else f"{cfg.eps:g}"
     return f"{cfg.mech} {cfg.dataset}/{cfg.model} eps={eps} seed={cfg.seed}"
 
 
 def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: list[str] | None = None,
-              console: Console | None = None) -> list[Outcome]:
+              checkpoint_dir: str | None = None, console: Console | None = None) -> list[Outcome]:
     """Run every configuration not yet in ``out``; returns the outcomes of those run."""
     console = console or Console(stderr=True)
-    done = finished_keys(out)
-    todo = [c for c in configs if (c.hash(dataset_variant(c.dataset, c.data_dir)), c.seed) not in done]
-    console.print(f"sweep: {len(configs)} configurations, {len(configs) - len(todo)} already in {out}, "
-                  f"{len(todo)} to run")
+    todo = pending(configs, out, console)
     if not todo:
-        console.print("nothing to train")
         return []
     slots = devices or ["cpu"] * max(1, jobs)
     # the cores are shared out between workers unless the caller fixed the thread count
     threads_each = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 1) // len(slots))
-    failures = Path(out).with_suffix(".failures.log")
+    failures = failures_log(out)
     work: queue.Queue[RunConfig] = queue.Queue()
     for c in todo:
         work.put(c)
     outcomes: list[Outcome] = []
     lock = threading.Lock()
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    progress = grid_progress(console)
     started = time.perf_counter()
     with progress:
         overall = progress.add_task("sweep", total=len(todo))
@@ -184,12 +181,12 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
                     cfg = work.get_nowait()
                 except queue.Empty:
                     return
-                cmd = run_command(cfg, out, device)
-                label = f"{_label(cfg)} [{device}]"
-                task = progress.add_task(escape(f"  {label}"), total=None)
+                cmd = run_command(cfg, out, device, checkpoint_dir)
+                tag = f"{label(cfg)} [{device}]"
+                task = progress.add_task(escape(f"  {tag}"), total=None)
                 t0 = time.perf_counter()
                 returncode, stdout, stderr = _run_showing_progress(
-                    cmd, env, lambda line: _show_run_progress(progress, task, console, label, line))
+                    cmd, env, lambda line: _show_run_progress(progress, task, console, tag, line))
                 outcome = Outcome(cfg, returncode == 0, time.perf_counter() - t0)
                 progress.remove_task(task)
                 with lock:
@@ -197,17 +194,15 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
                         lines = [ln for ln in (stderr or stdout).strip().splitlines()
                                  if not ln.startswith(PLAIN_PREFIX)]
                         outcome.detail = lines[-1] if lines else f"exit {returncode}"
-                        with open(failures, "a") as fh:
-                            fh.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} exit {returncode}: {_label(cfg)}\n"
-                                     f"reproduce: {shlex.join(['dpbench', *cmd[3:]])}\n"
-                                     f"{stderr}{stdout[-2000:]}\n")
-                        console.print(f"[red]failed[/] {_label(cfg)}: {outcome.detail} (see {failures})")
+                        log_failure(failures, cfg, f"exit {returncode}", shlex.join(['dpbench', *cmd[3:]]),
+                                    f"{stderr}{stdout[-2000:]}")
+                        console.print(f"[red]failed[/] {label(cfg)}: {outcome.detail} (see {failures})")
                     else:
-                        console.print(f"[green]done[/] {_label(cfg)} in {outcome.seconds:.0f} s")
+                        console.print(f"[green]done[/] {label(cfg)} in {outcome.seconds:.0f} s")
                     outcomes.append(outcome)
                     progress.advance(overall)
                     if not console.is_terminal:  # the bar is invisible in a log: say where the grid stands
-                        console.print(_grid_line(len(outcomes), len(todo), time.perf_counter() - started),
+                        console.print(grid_line(len(outcomes), len(todo), time.perf_counter() - started),
                                       highlight=False)
 
         pool = [threading.Thread(target=worker, args=(d,), daemon=True) for d in slots]
@@ -215,8 +210,35 @@ def run_sweep(configs: list[RunConfig], out: str, *, jobs: int = 1, devices: lis
             t.start()
         for t in pool:
             t.join()
-    _summary(outcomes, out, console)
+    summary(outcomes, out, console)
     return outcomes
+
+
+def failures_log(out: str | Path) -> Path:
+    """``<out>.failures.log``: every failed configuration, with the command that reproduces it."""
+    return Path(out).with_suffix(".failures.log")
+
+
+def log_failure(path: Path, cfg: RunConfig, status: str, reproduce: str, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {status}: {label(cfg)}\n"
+                 f"reproduce: {reproduce}\n{text}\n")
+
+
+def pending(configs: list[RunConfig], out: str, console: Console) -> list[RunConfig]:
+    """The configurations without a row in ``out``, said on the console."""
+    done = finished_keys(out)
+    todo = [c for c in configs if (c.hash(dataset_variant(c.dataset, c.data_dir)), c.seed) not in done]
+    console.print(f"sweep: {len(configs)} configurations, {len(configs) - len(todo)} already in {out}, "
+                  f"{len(todo)} to run")
+    if not todo:
+        console.print("nothing to train")
+    return todo
+
+
+def grid_progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
 
 
 def _run_showing_progress(cmd: list[str], env: dict[str, str], on_progress: Callable[[str], None]) -> tuple[int, str, str]:
@@ -247,12 +269,12 @@ def _show_run_progress(progress: Progress, task: Any, console: Console, label: s
         console.print(f"{label}: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _grid_line(done: int, total: int, elapsed: float) -> str:
+def grid_line(done: int, total: int, elapsed: float) -> str:
     eta = elapsed * (total - done) / done if done else float("nan")
     return f"sweep: {done}/{total} configurations done, {format_duration(elapsed)} elapsed, ETA {format_duration(eta)}"
 
 
-def _summary(outcomes: list[Outcome], out: str, console: Console) -> None:
+def summary(outcomes: list[Outcome], out: str, console: Console) -> None:
     t = Table(title=f"sweep summary ({sum(o.ok for o in outcomes)} done, {sum(not o.ok for o in outcomes)} failed)")
     for col in ("configuration", "status", "test acc", "seconds"):
         t.add_column(col)
@@ -264,5 +286,5 @@ def _summary(outcomes: list[Outcome], out: str, console: Console) -> None:
                          & (rows["config_hash"] == o.cfg.hash(dataset_variant(o.cfg.dataset, o.cfg.data_dir)))]
             if len(match):
                 acc = f"{100 * match['test_acc'].iloc[-1]:.2f} %"
-        t.add_row(_label(o.cfg), "[green]done" if o.ok else "[red]failed", acc, f"{o.seconds:.0f}")
+        t.add_row(label(o.cfg), "[green]done" if o.ok else "[red]failed", acc, f"{o.seconds:.0f}")
     console.print(t)

@@ -21,17 +21,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import optuna
 
-from dpbench.config import resolve
+from dpbench.config import RunConfig, resolve
 from dpbench.data import DATASETS
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.recipes import Recipe, recipe_for
+from dpbench.results import record_run
 from dpbench.tuning.recipes_file import TunedRecipe
 from dpbench.tuning.space import MechanismSpace, SharedSpace, mechanism_space
+
+if TYPE_CHECKING:
+    from dpbench.engine import Executed
 
 #: Fractions of a trial's steps at which the validation accuracy is reported to the pruner.
 INTERIM_FRACTIONS = (0.25, 0.5, 0.75)
@@ -56,6 +60,10 @@ class TuneRequest:
     accountant: str = "rdp"
     data_dir: str | None = None
     shared: SharedSpace = SharedSpace()
+    backend: str = "local"  # or "ray": trials as Ray tasks, the study kept by this process
+    address: str | None = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
 
     @property
     def val_dataset(self) -> str:
@@ -172,13 +180,19 @@ def _count(study: optuna.Study, states: tuple) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.Trial) -> tuple[Any, float | None]:
-    """(state, value) of one trial: an ordinary run on the validation split."""
-    from dpbench.engine import Interim
-    from dpbench.engine import run as run_engine
+def trial_config(req: TuneRequest, mech: str, options: dict[str, Any], params: dict[str, Any],
+                 device: str | None = None) -> RunConfig:
+    """The run of a trial: the sampled options on the validation split, calibrated to the tune's eps."""
+    return resolve({"mech": mech, "dataset": req.val_dataset, "model": req.model, "eps": req.eps, "seed": req.seed,
+                    "accountant": req.accountant, "data_dir": req.data_dir, "out": req.trials_csv,
+                    "mech_params": params, "device": device, **options})
 
-    options, params = space.sample(trial)
-    started = time.perf_counter()
+
+def train_reporting(cfg: RunConfig, trial: optuna.Trial, *, check_out: bool = True) -> Executed:
+    """Train a trial's run, reporting validation accuracy at ``INTERIM_FRACTIONS`` of its steps to ``trial``;
+    raises ``optuna.TrialPruned`` when the trial's pruner says so. Writes nothing."""
+    from dpbench.engine import Interim, execute
+
     reports = 0
 
     def report(step: int, accuracy: float) -> None:
@@ -188,13 +202,19 @@ def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.
         if trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {accuracy:.4f} at step {step}")
 
+    return execute(cfg, show_progress=False, checkpoint_every_s=math.inf, interim=Interim(INTERIM_FRACTIONS, report),
+                   check_out=check_out)
+
+
+def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.Trial) -> tuple[Any, float | None]:
+    """(state, value) of one trial: an ordinary run on the validation split, its row in the trials CSV."""
+    options, params = space.sample(trial)
+    started = time.perf_counter()
     try:
-        cfg = resolve({"mech": mech, "dataset": req.val_dataset, "model": req.model, "eps": req.eps, "seed": req.seed,
-                       "accountant": req.accountant, "data_dir": req.data_dir, "out": req.trials_csv,
-                       "mech_params": params, **options})
+        cfg = trial_config(req, mech, options, params)
         trial.set_user_attr("command", cfg.command())
-        row = run_engine(cfg, show_progress=False, checkpoint_every_s=math.inf,
-                         interim=Interim(INTERIM_FRACTIONS, report))
+        result = train_reporting(cfg, trial)
+        record_run(req.trials_csv, result.row, result.record)
     except optuna.TrialPruned as exc:
         trial.set_user_attr("pruned", str(exc))
         return optuna.trial.TrialState.PRUNED, None
@@ -206,8 +226,8 @@ def run_trial(req: TuneRequest, mech: str, space: MechanismSpace, trial: optuna.
         return optuna.trial.TrialState.FAIL, None
     finally:
         trial.set_user_attr("wall_s", round(time.perf_counter() - started, 3))
-    trial.set_user_attr("run_id", row["run_id"])
-    return optuna.trial.TrialState.COMPLETE, float(row["test_acc"])
+    trial.set_user_attr("run_id", result.row["run_id"])
+    return optuna.trial.TrialState.COMPLETE, float(result.row["test_acc"])
 
 
 def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failures_before: int = 0) -> None:
@@ -265,7 +285,11 @@ def _tune_one(req: TuneRequest, mech: str, meta: dict[str, Any], on_mechanism: A
         study.tell(left.number, state=optuna.trial.TrialState.FAIL)  # a killed tune's: run again
     failed = _count_fail(study)
     if _count(study, FINISHED) < req.trials:
-        if req.jobs == 1:
+        if req.backend == "ray":
+            from dpbench.tuning.distributed import work_ray
+
+            work_ray(req, mech, study, failed)
+        elif req.jobs == 1:
             work(req, mech, meta, 0, failed)
         else:
             context = multiprocessing.get_context("spawn")
