@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 import traceback
 from contextlib import contextmanager
@@ -72,6 +73,8 @@ def connected(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    if address is not None:
+        check_reachable(address)
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -82,6 +85,18 @@ def connected(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` address must accept a connection: Ray itself retries an unreachable one for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", ray://...: Ray's own resolution
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise BadInput(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+                       f"'ray start --head --port {port}' or check the address") from None
 
 
 def task_device(cfg: RunConfig, gpus_per_run: float) -> str:
@@ -124,6 +139,7 @@ def sole_writer(out: str) -> Iterator[None]:
         try:
             yield
         finally:
+            path.unlink(missing_ok=True)
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 

@@ -58,6 +58,7 @@ class TrainOutcome:
     samples_seen: int
     final_train_loss: float
     grad_sample: str | None = None  # the per-sample path that trained a private model
+    resumed_from_step: int = 0  # the checkpoint's step where a resumed run continued, else 0
 
 
 def _base_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -181,7 +182,7 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
                                                                state.wall + time.perf_counter() - t0))
     wall = state.wall + time.perf_counter() - t0
     acc, test_loss = evaluate(model, data.test_x.to(device), data.test_y.to(device))
-    return TrainOutcome(model, acc, test_loss, wall, state.samples, state.ema_loss, grad_sample)
+    return TrainOutcome(model, acc, test_loss, wall, state.samples, state.ema_loss, grad_sample, start)
 
 
 def _to_device(indices: list[int], device: torch.device) -> torch.Tensor:
@@ -283,7 +284,7 @@ def execute(cfg: RunConfig, *, show_progress: bool = True, resume: bool = False,
     }
     record = {"row": row, "config": asdict(cfg), "privacy": privacy.as_json(), "environment": env,
               "model_parameters": count_parameters(outcome.model), "train_size": n,
-              "final_train_loss": outcome.final_train_loss}
+              "final_train_loss": outcome.final_train_loss, "resumed_from_step": outcome.resumed_from_step}
     return Executed(row, record, checkpointer)
 
 

@@ -52,13 +52,23 @@ def read_spec(path: str) -> SweepSpec:
     if unknown:
         raise BadInput(f"sweep spec {path!r}: unknown table(s) {sorted(unknown)}; expected grid, fixed, recipe "
                        f"(and a recipes = \"FILE\" key)")
-    if "recipes" in data and not isinstance(data["recipes"], str):
-        raise BadInput(f"sweep spec {path!r}: recipes must be a file name")
     grid = {k: v if isinstance(v, list) else [v] for k, v in data.get("grid", {}).items()}
     bad = set(grid) - set(GRID_KEYS)
     if bad:
         raise BadInput(f"sweep spec {path!r}: unknown grid key(s) {sorted(bad)}; expected {', '.join(GRID_KEYS)}")
-    return SweepSpec(grid, dict(data.get("fixed", {})), dict(data.get("recipe", {})), data.get("recipes"))
+    fixed, recipe, recipes = dict(data.get("fixed", {})), dict(data.get("recipe", {})), data.get("recipes")
+    # a key written after [fixed] belongs to it in TOML: the same file, not silently dropped
+    in_fixed = fixed.pop("recipes", None)
+    if in_fixed is not None and recipes is not None and in_fixed != recipes:
+        raise BadInput(f"sweep spec {path!r}: recipes = {recipes!r} at the top and {in_fixed!r} under [fixed]")
+    recipes = recipes if recipes is not None else in_fixed
+    if recipes is not None and not isinstance(recipes, str):
+        raise BadInput(f"sweep spec {path!r}: recipes must be a file name")
+    for mech, table in recipe.items():
+        if "recipes" in table:
+            raise BadInput(f"sweep spec {path!r}: recipes under [recipe.{mech}]: it names the tuned recipes of the "
+                           f"whole sweep; give it at the top of the spec")
+    return SweepSpec(grid, fixed, recipe, recipes)
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:

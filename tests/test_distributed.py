@@ -110,6 +110,7 @@ def test_a_node_removed_mid_task_still_gives_every_configuration_exactly_once(cl
     records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
     retried = [r for r in records if r["row"]["config_hash"] == in_flight]
     assert len(retried) == 1 and retried[0]["ray_node"] != doomed.node_id  # finished on the node added after
+    assert retried[0]["resumed_from_step"] > 0  # from the checkpoint its first attempt left
     ray.shutdown()
 
 
@@ -142,7 +143,7 @@ def test_tune_on_ray_one_trial_at_a_time_gives_the_local_tunes_trials(cluster, t
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     def request(folder: str, backend: str) -> TuneRequest:
-        return TuneRequest(mechs=("dpsgd",), dataset="synthetic", model="linear", eps=4.0, trials=6,
+        return TuneRequest(mechs=("dpsgd",), dataset="synthetic", model="linear", eps=4.0, trials=5,
                            study=f"{folder}/s.db", out=f"{folder}/r.toml", backend=backend,
                            shared=SharedSpace(batch_sizes=(32, 64), epochs=(1.0, 2.0)))
 
@@ -176,6 +177,15 @@ def test_backend_options_are_checked_before_anything_runs(tmp_path):
         check_backend("ray", None, 0, 0)
     with pytest.raises(BadInput, match="--gpus-per-run -1"):
         check_backend("ray", None, 1, -1)
+    from dpbench.distributed import run_sweep_ray, sole_writer
+
+    out = tmp_path / "r.csv"
+    with sole_writer(str(out)), pytest.raises(BadInput, match="another sweep driver is writing it"):
+        run_sweep_ray(grid([2.0], 2), str(out))  # refused before Ray starts
+    assert not out.exists()
+    with pytest.raises(BadInput, match="--address 127.0.0.1:9: no Ray cluster answers there"):
+        run_sweep_ray(grid([2.0], 2), str(out), address="127.0.0.1:9")  # refused at once, not after minutes
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_missing_ray_is_an_exit_2_that_says_how_to_install_it(tmp_path, monkeypatch):

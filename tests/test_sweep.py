@@ -50,6 +50,22 @@ def test_recipe_overrides_apply_to_their_mechanism_only(tmp_path):
     assert by_mech["dpsgd"].epochs == 2 == by_mech["nonprivate"].epochs
 
 
+def test_recipes_under_fixed_is_the_same_as_at_the_top(tmp_path):
+    top, fixed = tmp_path / "top.toml", tmp_path / "fixed.toml"
+    top.write_text('recipes = "r.toml"\n[grid]\nmech = ["dpsgd"]\n')
+    fixed.write_text('[grid]\nmech = ["dpsgd"]\n[fixed]\nrecipes = "r.toml"\n')
+    assert read_spec(str(top)).recipes == read_spec(str(fixed)).recipes == "r.toml"
+    assert "recipes" not in read_spec(str(fixed)).fixed
+    both = tmp_path / "both.toml"
+    both.write_text('recipes = "a.toml"\n[fixed]\nrecipes = "b.toml"\n')
+    with pytest.raises(BadInput, match="'a.toml' at the top and 'b.toml' under"):
+        read_spec(str(both))
+    per_mech = tmp_path / "m.toml"
+    per_mech.write_text('[recipe.dpsgd]\nrecipes = "a.toml"\n')
+    with pytest.raises(BadInput, match=r"recipes under \[recipe.dpsgd\]"):
+        read_spec(str(per_mech))
+
+
 def test_bad_spec_is_a_clear_error(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text('[grid]\nmechs = ["dpsgd"]\n')
