@@ -54,7 +54,7 @@ ACCOUNTANT_HELP = (
     "need a release made of sampled Gaussians: modelmix and ged take rdp only")
 AccountantOption = Annotated[Optional[str], typer.Option(help=ACCOUNTANT_HELP)]
 BackendOption = Annotated[str, typer.Option(help=(
-    "local (processes on this machine) or ray (Ray tasks; needs the ray extra: pip install 'dpbench[ray]')"))]
+    "local (processes on this machine) or ray (Ray tasks; needs the ray extra: pip install 'dpbench\\[ray]')"))]
 AddressOption = Annotated[Optional[str], typer.Option(help=(
     "with --backend ray: the cluster to join (e.g. 10.0.0.1:6379, as printed by 'ray start --head'); "
     "default: start a local Ray instance"))]
@@ -242,7 +242,7 @@ def _split(text: Optional[str], conv=str) -> Optional[list]:
 
 @app.command()
 def sweep(
-    spec_file: Optional[str] = typer.Argument(None, help="sweep spec (TOML) with [grid], [fixed], [recipe.<mech>]"),
+    spec_file: Optional[str] = typer.Argument(None, help="sweep spec (TOML) with \\[grid], \\[fixed], \\[recipe.<mech>]"),
     mech: Optional[str] = typer.Option(None, help="comma-separated mechanisms (patterns allowed, '*' = all)"),
     dataset: Optional[str] = typer.Option(None, help="comma-separated datasets"),
     model: Optional[str] = typer.Option(None, help="comma-separated models"),
@@ -253,7 +253,8 @@ def sweep(
     recipes: Optional[str] = typer.Option(None, "--recipes", help="tuned recipes (dpbench tune) for every "
                                           "configuration (overrides the spec's recipes key)"),
     devices: Optional[str] = typer.Option(None, help="one worker per device, e.g. cuda:0,cuda:1"),
-    jobs: int = typer.Option(1, help="CPU worker processes (ignored with --devices)"),
+    jobs: int = typer.Option(1, help="CPU worker processes (ignored with --devices; with --backend ray the cluster's "
+                                     "resources decide)"),
     data_dir: Optional[str] = typer.Option(None, help="offline data folder (or $DPBENCH_DATA)"),
     out_csv: Optional[str] = typer.Option(None, "--out", help="results CSV (default: spec's out, else results/sweep.csv)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the configurations and exit"),
