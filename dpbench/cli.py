@@ -330,7 +330,7 @@ def tune(
     study: Optional[str] = typer.Option(None, help="Optuna study (SQLite; default: <--out without .toml>.db)"),
     out_toml: str = typer.Option("results/tuning/recipes.toml", "--out", help="recipes TOML (entries for other "
                                  "datasets, models or eps already in it are kept)"),
-    jobs: int = typer.Option(1, help="trials in parallel (processes, one thread each)"),
+    jobs: int = typer.Option(1, help="trials in parallel (processes, one thread each; Ray tasks with --backend ray)"),
     seed: int = typer.Option(0, help="seed of the sampler and of every trial's run"),
     accountant: AccountantOption = None,
     batch_sizes: str = typer.Option("256,512,1024,2048", help="batch sizes searched (shared by every mechanism)"),

@@ -20,8 +20,8 @@ from dpbench.config import RunConfig
 from dpbench.distributed import MAX_RETRIES, connected
 from dpbench.errors import BadInput
 from dpbench.results import record_run
-from dpbench.tuning.runner import (FINISHED, MAX_FAILURES, TuneRequest, _count, _pruner, space_of, train_reporting,
-                                   trial_config)
+from dpbench.tuning.runner import (FINISHED, MAX_FAILURES, TuneRequest, count_trials, make_pruner, space_of,
+                                   train_reporting, trial_config)
 
 State = optuna.trial.TrialState
 
@@ -32,7 +32,7 @@ def trial_in_task(cfg: RunConfig, finished: list[optuna.trial.FrozenTrial], thre
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    copy = optuna.create_study(direction="maximize", pruner=_pruner())
+    copy = optuna.create_study(direction="maximize", pruner=make_pruner())
     copy.add_trials(finished)
     proxy = copy.ask()
     started = time.perf_counter()
@@ -63,8 +63,8 @@ def work_ray(req: TuneRequest, mech: str, study: optuna.Study, failures_before: 
         threads = max(1, int(req.cpus_per_run))
         in_flight: dict[Any, optuna.Trial] = {}
         while True:
-            while (len(in_flight) < req.jobs and _count(study, (State.FAIL,)) - failures_before < MAX_FAILURES
-                   and _count(study, FINISHED + (State.RUNNING,)) < req.trials):
+            while (len(in_flight) < req.jobs and count_trials(study, (State.FAIL,)) - failures_before < MAX_FAILURES
+                   and count_trials(study, FINISHED + (State.RUNNING,)) < req.trials):
                 trial = study.ask()
                 options, params = space.sample(trial)
                 try:

@@ -154,13 +154,13 @@ def _sampler(seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=PRUNER_STARTUP_TRIALS)
 
 
-def _pruner() -> optuna.pruners.BasePruner:
+def make_pruner() -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
 
 
 def open_study(req: TuneRequest, mech: str, meta: dict[str, Any], seed: int) -> optuna.Study:
     study = optuna.create_study(study_name=mech, storage=storage(req.study), direction="maximize",
-                                sampler=_sampler(seed), pruner=_pruner(), load_if_exists=True)
+                                sampler=_sampler(seed), pruner=make_pruner(), load_if_exists=True)
     if "dpbench" not in study.user_attrs:
         study.set_user_attr("dpbench", meta)
     return study
@@ -176,7 +176,7 @@ def _locked(path: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _count(study: optuna.Study, states: tuple) -> int:
+def count_trials(study: optuna.Study, states: tuple) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
@@ -245,7 +245,7 @@ def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failure
         with _locked(lock):
             if _count_fail(study) - failures_before >= MAX_FAILURES:
                 return
-            busy = _count(study, FINISHED + (optuna.trial.TrialState.RUNNING,))
+            busy = count_trials(study, FINISHED + (optuna.trial.TrialState.RUNNING,))
             if busy >= req.trials:
                 return
             trial = study.ask()
@@ -254,7 +254,7 @@ def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failure
 
 
 def _count_fail(study: optuna.Study) -> int:
-    return _count(study, (optuna.trial.TrialState.FAIL,))
+    return count_trials(study, (optuna.trial.TrialState.FAIL,))
 
 
 def tune(req: TuneRequest, on_mechanism: Any = None) -> list[TunedRecipe]:
@@ -284,7 +284,7 @@ def _tune_one(req: TuneRequest, mech: str, meta: dict[str, Any], on_mechanism: A
     for left in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(left.number, state=optuna.trial.TrialState.FAIL)  # a killed tune's: run again
     failed = _count_fail(study)
-    if _count(study, FINISHED) < req.trials:
+    if count_trials(study, FINISHED) < req.trials:
         if req.backend == "ray":
             from dpbench.tuning.distributed import work_ray
 
