@@ -269,10 +269,24 @@ def tune(req: TuneRequest, on_mechanism: Any = None) -> list[TunedRecipe]:
         except BlockingIOError:
             raise BadInput(f"--study {req.study}: another dpbench tune is running on it") from None
         try:
-            return [r for r in (_tune_one(req, mech, metas[mech], on_mechanism) for mech in req.mechs) if r is not None]
+            with _backend(req):
+                return [r for r in (_tune_one(req, mech, metas[mech], on_mechanism) for mech in req.mechs)
+                        if r is not None]
         finally:
             _ask_lock(req).unlink(missing_ok=True)
             held_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _backend(req: TuneRequest) -> Iterator[None]:
+    """With --backend ray, one Ray connection for every mechanism (a local instance starts once)."""
+    if req.backend != "ray":
+        yield
+        return
+    from dpbench.distributed import connected
+
+    with connected(req.address):
+        yield
 
 
 def _ask_lock(req: TuneRequest) -> Path:
