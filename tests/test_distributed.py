@@ -134,20 +134,25 @@ def test_a_killed_driver_restarts_and_finishes_without_duplicates(cluster, tmp_p
                                              "seed": [0]}, fixed={"epochs": 16})))
 
 
-def test_tune_on_ray_one_trial_at_a_time_gives_the_local_tunes_trials(cluster, tmp_path, monkeypatch):
+def test_tune_on_ray_one_trial_at_a_time_gives_the_local_tunes_trials(cluster, tmp_path):
     import optuna
 
     from dpbench.tuning.runner import TuneRequest, tune
     from dpbench.tuning.space import SharedSpace
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     def request(folder: str, backend: str) -> TuneRequest:
         return TuneRequest(mechs=("dpsgd",), dataset="synthetic", model="linear", eps=4.0, trials=5,
                            study=f"{folder}/s.db", out=f"{folder}/r.toml", backend=backend,
                            shared=SharedSpace(batch_sizes=(32, 64), epochs=(1.0, 2.0)))
 
-    local = tune(request("local", "local"))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray task trains: the same reductions, so the same floats
+    try:
+        local = tune(request("local", "local"))
+    finally:
+        torch.set_num_threads(threads)
     ray.init(address=cluster.address, runtime_env={"env_vars": {"DPBENCH_CACHE": os.environ["DPBENCH_CACHE"],
                                                                 "DPBENCH_OFFLINE": "1"}})
     try:
