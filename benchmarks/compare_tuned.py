@@ -22,7 +22,7 @@ def describe(group: pd.DataFrame) -> dict[str, str]:
             "mean": acc.mean(),
             "recipe": f"B {int(first['batch_size'])}, {first['epochs']:g} ep, lr {first['lr']:.4g}, "
                       f"mom {first['momentum']:g}, C {first['clip']:.4g}",
-            "eps": f"{group['eps_spent'].max():.4g}", "wall": f"{group['wall_s'].mean():.0f}",
+            "eps": f"{group['eps_spent'].max():.5f}", "wall": f"{group['wall_s'].mean():.0f}",
             "command": first["command"]}
 
 

@@ -295,6 +295,9 @@ def sweep(
         if jobs < 1:
             raise BadInput(f"--jobs {jobs}: must be at least 1")
         device_list = _split(devices)
+        if backend == "ray" and device_list:
+            raise BadInput(f"--devices {devices}: the local backend's; with --backend ray give --gpus-per-run "
+                           f"(Ray assigns the GPUs)")
         if device_list:
             from dpbench.pipeline import resolve_device
 

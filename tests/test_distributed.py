@@ -182,6 +182,13 @@ def test_backend_options_are_checked_before_anything_runs(tmp_path):
         check_backend("ray", None, 0, 0)
     with pytest.raises(BadInput, match="--gpus-per-run -1"):
         check_backend("ray", None, 1, -1)
+    from typer.testing import CliRunner
+
+    from dpbench.cli import app
+
+    res = CliRunner().invoke(app, ["sweep", "--mech", "dpsgd", "--dataset", "synthetic", "--out", str(tmp_path / "x.csv"),
+                                   "--backend", "ray", "--devices", "cuda:0,cuda:1"])
+    assert res.exit_code == 2 and "--gpus-per-run" in res.output
     from dpbench.distributed import run_sweep_ray, sole_writer
 
     out = tmp_path / "r.csv"
