@@ -134,6 +134,7 @@ def test_a_killed_driver_restarts_and_finishes_without_duplicates(cluster, tmp_p
                                              "seed": [0]}, fixed={"epochs": 16})))
 
 
+@pytest.mark.slow  # about 35 s idle: two tunes of 5 trials
 def test_tune_on_ray_one_trial_at_a_time_gives_the_local_tunes_trials(cluster, tmp_path):
     import optuna
 
