@@ -78,6 +78,7 @@ def test_equal_budget_on_the_validation_split_and_a_recipe_per_mechanism():
     assert {r.mech for r in read_recipes("t/recipes.toml")} == {"dpsgd", "auto_s"}  # auto_s's entry is kept
 
 
+@pytest.mark.slow  # about 15 s: two worker processes
 def test_parallel_workers_never_overshoot_the_budget():
     res = tune_cli("--mech", "dpsgd", "--trials", "3", "--jobs", "2")
     assert res.exit_code == 0, res.output
@@ -207,6 +208,7 @@ def test_run_uses_the_tuned_recipe_and_records_where_it_came_from():
     assert missing.exit_code == 2 and "no tuned recipe for auto_s" in missing.output and not Path("x.csv").exists()
 
 
+@pytest.mark.slow  # about 17 s: a sweep of subprocess runs (run --recipes is tested in-process)
 def test_a_sweep_with_tuned_recipes_records_their_source():
     assert tune_cli("--mech", "dpsgd", "--trials", "1").exit_code == 0
     (recipe,) = read_recipes("t/recipes.toml")
