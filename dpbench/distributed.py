@@ -12,7 +12,6 @@ Ray is an optional extra (``pip install 'dpbench[ray]'``); nothing here imports 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import time
@@ -20,7 +19,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -28,6 +27,7 @@ from rich.markup import escape
 from dpbench.config import RunConfig, check_writable
 from dpbench.errors import BadInput
 from dpbench.results import RUNS, check_compatible, record_run
+from dpbench.storage import held_exclusively
 from dpbench.sweep import Outcome, failures_log, grid_line, label, log_failure, pending, grid_progress, summary
 
 #: Backends of ``sweep`` and ``tune``.
@@ -126,21 +126,10 @@ def train_in_task(cfg: RunConfig, checkpoint_dir: str, checkpoint_every_s: float
             "node": node, "seconds": time.perf_counter() - t0}
 
 
-@contextmanager
-def sole_writer(out: str) -> Iterator[None]:
+def sole_writer(out: str) -> ContextManager[None]:
     """Hold ``<out>.sweep.lock`` while this driver writes ``out``; a second driver on it is refused."""
     path = Path(out).with_suffix(".sweep.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BadInput(f"--out {out}: another sweep driver is writing it ({path} is held)") from None
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return held_exclusively(path, f"--out {out}: another sweep driver is writing it ({path} is held)")
 
 
 def run_sweep_ray(configs: list[RunConfig], out: str, *, address: str | None = None, cpus_per_run: float = 1.0,

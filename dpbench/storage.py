@@ -7,6 +7,7 @@ one, and concurrent writers of one path never share a temporary name.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -19,6 +20,24 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from dpbench.errors import BadInput
+
+
+@contextmanager
+def held_exclusively(path: str | Path, refusal: str) -> Iterator[None]:
+    """Hold an exclusive lock file at ``path`` for the block (removed after); a BadInput(``refusal``) when another
+    process holds it. The kernel releases the lock of a killed holder, so a restart is never refused."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInput(refusal) from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def cache_dir() -> Path:

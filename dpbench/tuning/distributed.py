@@ -37,20 +37,19 @@ def trial_in_task(cfg: RunConfig, finished: list[optuna.trial.FrozenTrial], thre
     proxy = copy.ask()
     started = time.perf_counter()
 
-    def reports() -> dict[int, float]:
-        return dict(copy.trials[-1].intermediate_values)
+    def outcome(state: str, **fields: Any) -> dict[str, Any]:
+        return {"state": state, "reports": dict(copy.trials[-1].intermediate_values),
+                "wall_s": time.perf_counter() - started, **fields}
 
     try:
         result = train_reporting(cfg, proxy, check_out=False)
     except optuna.TrialPruned as exc:
-        return {"state": "pruned", "detail": str(exc), "reports": reports(), "wall_s": time.perf_counter() - started}
+        return outcome("pruned", detail=str(exc))
     except BadInput as exc:
-        return {"state": "pruned", "detail": f"invalid: {exc}", "reports": reports(),
-                "wall_s": time.perf_counter() - started}
+        return outcome("pruned", detail=f"invalid: {exc}")
     except Exception as exc:  # noqa: BLE001 - a crashing trial is recorded and the tune goes on
-        return {"state": "fail", "detail": repr(exc), "reports": reports(), "wall_s": time.perf_counter() - started}
-    return {"state": "complete", "row": result.row, "record": result.record, "reports": reports(),
-            "wall_s": time.perf_counter() - started}
+        return outcome("fail", detail=repr(exc))
+    return outcome("complete", row=result.row, record=result.record)
 
 
 def work_ray(req: TuneRequest, mech: str, study: optuna.Study, failures_before: int) -> None:

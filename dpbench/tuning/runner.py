@@ -31,6 +31,7 @@ from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
 from dpbench.recipes import Recipe, recipe_for
 from dpbench.results import record_run
+from dpbench.storage import held_exclusively
 from dpbench.tuning.recipes_file import TunedRecipe
 from dpbench.tuning.space import MechanismSpace, SharedSpace, mechanism_space
 
@@ -262,19 +263,14 @@ def tune(req: TuneRequest, on_mechanism: Any = None) -> list[TunedRecipe]:
     metas = check_request(req)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     Path(req.study).parent.mkdir(parents=True, exist_ok=True)
-    held_path = Path(req.study).with_suffix(".tune.lock")
-    with open(held_path, "a") as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BadInput(f"--study {req.study}: another dpbench tune is running on it") from None
+    with held_exclusively(Path(req.study).with_suffix(".tune.lock"),
+                          f"--study {req.study}: another dpbench tune is running on it"):
         try:
             with _backend(req):
                 return [r for r in (_tune_one(req, mech, metas[mech], on_mechanism) for mech in req.mechs)
                         if r is not None]
         finally:
             _ask_lock(req).unlink(missing_ok=True)
-            held_path.unlink(missing_ok=True)
 
 
 @contextmanager
