@@ -435,23 +435,35 @@ def plot(
 
 @app.command()
 def report(
-    csv_file: str = typer.Argument(..., help="results CSV"),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="markdown path (default: stdout)"),
-    title: str = typer.Option("dpbench report", help="report title"),
+    csv_files: list[str] = typer.Argument(..., help="results CSV(s); several are read as one table"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="output path (default: stdout)"),
+    fmt: str = typer.Option("md", "--format", help="md (headline + detail per dataset), latex (the headline "
+                            "table, pandas Styler) or csv (every cell, unrounded)"),
+    title: str = typer.Option("dpbench report", help="report title (LaTeX: the caption's first sentence)"),
     baseline: str = typer.Option("dpsgd", help="mechanism every other one is paired with, seed by seed"),
     baseline_config: list[str] = typer.Option([], "--baseline-config", help=(
         "config_hash (or a prefix) of the baseline configuration to pair with, where the CSV holds several "
         "(repeatable: one per dataset/model/eps/steps cell)")),
 ) -> None:
-    """A markdown table per dataset: mean +- std, seeds, paired difference to a baseline, published numbers."""
+    """Tables of mean +- std over seeds, the paired difference to a baseline with its 95% CI, eps, published numbers."""
     from dpbench.mechanisms import MECHANISMS
-    from dpbench.report import build_report
+    from dpbench.report import FORMATS, build_csv, build_latex, build_report
     from dpbench.tables import load_results
 
     try:
+        if fmt not in FORMATS:
+            raise BadInput(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
         MECHANISMS.entry(baseline)  # a typo fails with a "did you mean"
-        text = build_report(load_results(csv_file), title=title, baseline=baseline,
-                            baseline_configs=tuple(baseline_config))
+        import pandas as pd
+
+        df = pd.concat([load_results(f) for f in csv_files], ignore_index=True)
+        configs = tuple(baseline_config)
+        if fmt == "md":
+            text = build_report(df, title=title, baseline=baseline, baseline_configs=configs)
+        elif fmt == "latex":
+            text = build_latex(df, title=title, baseline=baseline, baseline_configs=configs)
+        else:
+            text = build_csv(df, baseline=baseline, baseline_configs=configs)
     except BadInput as exc:
         raise fail(exc)
     if output:

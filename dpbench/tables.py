@@ -47,11 +47,27 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std (0 for one seed) and count of test accuracy per configuration."""
-    g = df.groupby(GROUP, sort=True, dropna=False)["test_acc"]
-    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    """Mean, sample std (0 for one seed) and count of test accuracy per configuration, with its horizon.
+
+    ``epochs`` and ``steps`` are the configuration's (one value each: both enter its config hash); NaN where
+    the CSV lacks them.
+    """
+    g = df.groupby(GROUP, sort=True, dropna=False)
+    out = g["test_acc"].agg(mean="mean", std="std", n="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
+    for column in ("epochs", "steps"):
+        out[column] = (g[column].first().to_numpy(dtype=float) if column in df.columns
+                       else np.full(len(out), np.nan))
     return out
+
+
+def horizon_label(epochs: float, steps: float) -> str:
+    """``40 ep`` (or ``500 steps`` where epochs are unknown)."""
+    if epochs == epochs:  # not NaN
+        return f"{epochs:g} ep"
+    if steps == steps:
+        return f"{steps:g} steps"
+    return "horizon unknown"
 
 
 def mean_std(values: np.ndarray) -> tuple[float, float]:

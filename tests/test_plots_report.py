@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import PathCollection
 from matplotlib.container import ErrorbarContainer
 from typer.testing import CliRunner
 
 from dpbench.cli import app
 from dpbench.plots import plot_results
-from dpbench.report import build_report, paired_difference
+from dpbench.report import (build_csv, build_latex, build_report, cell_table, confidence_interval, group_means,
+                            headline_frame, headline_table, paired_difference)
+from dpbench.style import mech_colour, mech_marker
 from dpbench.results import ALL_COLUMNS
 from dpbench.tables import load_published
 
@@ -133,3 +137,93 @@ def test_rows_pair_only_with_a_baseline_calibrated_by_the_same_accountant(tmp_pa
     assert "+1.00 (3 pairs)" in pld
     # an older CSV (no accountant column) still pairs as before
     assert f"{100 * (a - b).mean():+.2f} (3 pairs)" in build_report(df.drop(columns=["accountant"]))
+
+
+def test_the_confidence_interval_of_the_paired_difference_is_scipys(tmp_path):
+    from scipy import stats
+
+    df = fixture_csv(tmp_path / "r.csv")
+    cells = cell_table(df)
+    dpis = cells[(cells.mech == "dpis") & (cells.eps_target == 3)].iloc[0]
+    a = df[(df.mech == "dpis") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    b = df[(df.mech == "dpsgd") & (df.eps_target == 3)].set_index("seed")["test_acc"]
+    expected = stats.ttest_1samp((a - b).to_numpy(), 0.0).confidence_interval(0.95)
+    assert (dpis["diff_ci_low"], dpis["diff_ci_high"]) == pytest.approx((expected.low, expected.high), rel=1e-9)
+    assert dpis["diff"] == pytest.approx((a - b).mean()) and dpis["pairs"] == 3
+    assert f"[{100 * expected.low:+.2f}, {100 * expected.high:+.2f}]" in build_report(df)
+    assert confidence_interval(np.array([0.01]))[0] != confidence_interval(np.array([0.01]))[0]  # one pair: NaN
+
+
+def test_tuned_rows_pair_with_the_baseline_tuned_in_the_same_study(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    df = df[df.eps_target == 3].copy()
+    df["recipe_source"] = df["mech"].map(lambda m: f"results/tuning/s.db#{ {'dpsgd': 0, 'dpis': 4}.get(m, 1)}")
+    df.loc[df.mech == "dpis", "steps"] = 50  # its own tuned horizon
+    other_study = df[df.mech == "dpsgd"].assign(config_hash="dpsgd-other", recipe_source="elsewhere.db#2",
+                                                 test_acc=0.5)
+    cells = cell_table(pd.concat([df, other_study]))
+    dpis = cells[cells.mech == "dpis"].iloc[0]
+    a = df[df.mech == "dpis"].set_index("seed")["test_acc"]
+    b = df[df.mech == "dpsgd"].set_index("seed")["test_acc"]
+    assert dpis["pairs"] == 3 and dpis["diff"] == pytest.approx((a - b).mean())
+    untuned = df.drop(columns=["recipe_source"])  # other rows pair only at the same steps
+    assert cell_table(untuned).query("mech == 'dpis'")["pairs"].iloc[0] == 0
+
+
+def test_the_headline_marks_the_best_private_mean_of_each_column_in_every_format(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    df = df[df.config_hash != "collapsed"]
+    cells = cell_table(df)
+    head = headline_table(cells)
+    best = head[head.best]
+    means = df[np.isfinite(df.eps_target)].groupby(["eps_target", "mech"])["test_acc"].mean()
+    assert sorted(best.eps_target) == [1.0, 3.0, 8.0]
+    assert all(best.set_index("eps_target")["mech"][e] == means[e].idxmax() for e in (1.0, 3.0, 8.0))
+    assert not head[head.mech == "nonprivate"].best.any()
+    wide = headline_frame(cells)
+    assert set(wide.index) == {"dpsgd", "nonprivate", "dpis"}
+    control = df[df.mech == "nonprivate"].test_acc
+    assert wide.loc["nonprivate", ("mnist/cnn_tanh", "eps inf")] == \
+        f"{100 * control.mean():.2f} ± {100 * control.std():.2f}"
+    assert wide.loc["nonprivate", ("mnist/cnn_tanh", "eps 1")] == "-"
+    winner = means[3.0].idxmax()
+    assert wide.loc[winner, ("mnist/cnn_tanh", "eps 3")].startswith("**")
+    latex = build_latex(df)
+    assert "\\toprule" in latex and "\\textbf{" in latex and "$\\pm$" in latex and "\\begin{table}" in latex
+    table = pd.read_csv(io.StringIO(build_csv(df)))
+    assert len(table) == len(group_means(df)) and table["best"].sum() == 3
+    np.testing.assert_allclose(table.sort_values(["mech", "eps_target"])["mean"],
+                               group_means(df).sort_values(["mech", "eps_target"])["mean"])
+
+
+def test_report_reads_several_csvs_and_refuses_an_unknown_format(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    df[df.mech == "dpsgd"].assign(dataset="fmnist").to_csv(tmp_path / "f.csv", index=False)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r.csv"), str(tmp_path / "f.csv"), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_csv(io.StringIO(res.output))["dataset"]) == {"mnist", "fmnist"}
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "r.csv"), "--format", "html", "-o", str(tmp_path / "o")])
+    assert bad.exit_code == 2 and "'html'" in bad.output and not (tmp_path / "o").exists()
+
+
+def test_plot_keeps_colours_across_figures_opens_single_seeds_and_never_joins_horizons(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    df = df[df.config_hash != "collapsed"].copy()
+    df.loc[(df.mech == "dpis") & (df.eps_target == 8), "epochs"] = 2.0  # another horizon
+    single = df[(df.mech == "dpsgd") & (df.eps_target == 1) & (df.seed > 0)].index
+    df = df.drop(single)  # dpsgd at eps 1: one seed
+    fig = plot_results(df)
+    (ax,) = fig.axes
+    bars = {c.get_label(): c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+    assert set(bars) == {"dpsgd (1 ep)", "dpis (1 ep)", "dpis (2 ep)"}
+    assert list(bars["dpis (1 ep)"].lines[0].get_xdata()) == [1.0, 3.0]  # the 2-epoch point is not joined
+    assert list(bars["dpis (2 ep)"].lines[0].get_xdata()) == [8.0]
+    open_points = [c for c in ax.collections if isinstance(c, PathCollection)
+                   and c.get_facecolors()[0][:3].tolist() == [1, 1, 1]]
+    assert len(open_points) == 1 and open_points[0].get_offsets()[0][0] == 1.0
+    title = ax.get_title()
+    assert "cnn_tanh" in title and "horizon per mechanism" in title and "1 to 3 seeds (open marker: 1 seed)" in title
+    only_dpis = plot_results(df[df.mech != "dpsgd"])
+    colour = lambda f, label: next(c for c in f.axes[0].containers if c.get_label() == label).lines[0].get_color()  # noqa: E731
+    assert colour(fig, "dpis (1 ep)") == colour(only_dpis, "dpis (1 ep)") == mech_colour("dpis")
+    assert mech_colour("dpis") != mech_colour("dpsgd") and mech_marker("dpis") != mech_marker("dpsgd")

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dpbench.style import mech_colour, mech_marker  # noqa: E402
+
 #: Columns an audit CSV has and a results CSV lacks.
 AUDIT_COLUMNS = ("eps_claimed", "eps_lower_bound", "threat_model")
 
@@ -28,10 +30,10 @@ def plot_audit_summary(df: pd.DataFrame, *, title: str | None = None) -> plt.Fig
     private = df[df["eps_claimed"].map(math.isfinite)]
     mechs = sorted(private["mech"].unique())
     offsets = {m: (i - (len(mechs) - 1) / 2) * 0.06 for i, m in enumerate(mechs)}  # small shifts keep markers apart
-    for i, mech in enumerate(mechs):
+    for mech in mechs:
         rows = private[private["mech"] == mech].sort_values("eps_claimed")
-        ax.plot(rows["eps_claimed"] + offsets[mech], rows["eps_lower_bound"], marker="o", ms=5, lw=1,
-                color=plt.get_cmap("tab10")(i % 10), label=mech)
+        ax.plot(rows["eps_claimed"] + offsets[mech], rows["eps_lower_bound"], marker=mech_marker(mech), ms=5, lw=1,
+                color=mech_colour(mech), label=mech)
     top = max(float(private["eps_claimed"].max()) if len(private) else 1.0, 1.0)
     ax.plot([0, top], [0, top], color="0.5", ls=":", lw=1, label="lower bound = claim")
     control = df[~df["eps_claimed"].map(math.isfinite)]
