@@ -32,7 +32,7 @@ def final_params(c, mech, checkpointer=None, resume=False):
     return torch.cat([p.detach().flatten() for p in out.model.parameters()]), out
 
 
-@pytest.mark.parametrize("mech_name", ["dpsgd", "nonprivate"])
+@pytest.mark.parametrize("mech_name", ["dpsgd", "nonprivate", "psasc"])  # psasc: its EMA is mechanism state
 def test_resume_after_a_kill_matches_a_straight_run(tmp_path, mech_name):
     c = cfg(mech=mech_name)
     straight, straight_out = final_params(c, get_mechanism(mech_name)())

@@ -99,6 +99,9 @@ class ScalingMechanism(Mechanism):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
+        #: PSASC's EMA of the privatised mean gradient, one tensor per parameter (checkpointed with the
+        #: mechanism). Not in the base optimizer's state: Adam takes a non-empty state for its own, initialised.
+        self.privatised_ema: list[torch.Tensor] | None = None
         self._check_params()
         # Fails fast on a bad --set at C = 1; make_optimizer checks again at the run's real C.
         check_sensitivity(self.weight_name, 1.0, self.params)
@@ -142,12 +145,13 @@ class ScalingMechanism(Mechanism):
         grads = release.mean_of(released)
         beta = self.momentum_beta
         if beta is not None:
-            for p, grad in zip(release.params, grads):
-                # in the base optimizer's state (saved with it), apart from SGD's own "momentum_buffer"
-                state = release.original_optimizer.state[p]
-                if "privatised_ema" not in state:
-                    state["privatised_ema"] = torch.zeros_like(grad)
-                ema = state["privatised_ema"]
+            if self.privatised_ema is None:
+                # a checkpoint written before the EMA moved here holds it in the optimizer's state
+                self.privatised_ema = [release.original_optimizer.state[p].pop("privatised_ema", None)
+                                       if p in release.original_optimizer.state else None for p in release.params]
+                self.privatised_ema = [torch.zeros_like(g) if e is None else e
+                                       for e, g in zip(self.privatised_ema, grads)]
+            for ema, grad in zip(self.privatised_ema, grads):
                 ema.mul_(beta).add_(grad, alpha=1.0 - beta)
                 grad.copy_(ema)
         release.original_optimizer.step()

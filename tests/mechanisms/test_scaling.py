@@ -167,10 +167,10 @@ def _per_sample_grads(model: nn.Module, x, y) -> list[torch.Tensor]:
     return out
 
 
-def _step(mech, x, y, noise=0.0, clip=1.0, gen_seed=0, lr=0.0):
+def _step(mech, x, y, noise=0.0, clip=1.0, gen_seed=0, lr=0.0, base=torch.optim.SGD):
     torch.manual_seed(0)
     model = GradSampleModule(nn.Linear(3, 2), loss_reduction="mean")
-    opt = mech.make_optimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=noise,
+    opt = mech.make_optimizer(base(model.parameters(), lr=lr), noise_multiplier=noise,
                               max_grad_norm=clip, expected_batch_size=len(y),
                               generator=torch.Generator().manual_seed(gen_seed))
     return model, opt
@@ -211,13 +211,15 @@ def test_noise_is_sigma_c_whatever_the_batch(name):
     torch.testing.assert_close(noise[0], reference, rtol=1e-4, atol=1e-5)
 
 
-def test_psasc_momentum_is_an_ema_of_the_privatised_gradient():
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam])
+def test_psasc_momentum_is_an_ema_of_the_privatised_gradient(base):
     # With noise, u_1 != u_2; the EMA must average the released (noisy) u_t, not the pre-noise sums.
+    # Under Adam too (IMDb's recipe): the EMA once sat in Adam's state, which Adam then took as initialised.
     x, y = torch.randn(4, 3, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 1, 0])
     grads = {}
     for beta in (0.0, 0.9):
         # lr 0: the same parameters each step, and the same noise stream for both betas
-        model, opt = _step(get_mechanism("psasc")(beta=beta), x, y, noise=1.0, gen_seed=4)
+        model, opt = _step(get_mechanism("psasc")(beta=beta), x, y, noise=1.0, gen_seed=4, base=base)
         seen = []
         for _ in range(2):
             nn.functional.cross_entropy(model(x), y).backward()
