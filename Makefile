@@ -31,14 +31,41 @@ test-all: install
 run: install
 	$(VENV)/bin/dpbench run --mech dpis --eps 3 --dataset mnist
 
-# Equal-budget tuning of every mechanism on mnist_val (ScatterNet + linear, eps 2); resumable, and a finished
-# tune trains nothing. Measured: 341-465 s of trial time per mechanism for dpsgd, nonprivate and the scaling
-# family (12 trials); DPIS, ModelMix and GED take longer per trial.
+# Equal-budget tuning of every mechanism on the validation split at eps 2, one study per benchmark pair
+# (benchmarks/PROTOCOL.md); resumable, and a finished tune trains nothing. `make tune-mnist` is the MNIST
+# ScatterNet study (measured: 341-465 s of trial time per mechanism for dpsgd, nonprivate and the scaling
+# family, 12 trials; DPIS, ModelMix and GED take longer per trial).
 TUNE_MECHS ?= dpsgd,nonprivate,auto_s,psac,psasc,rs,dpis,modelmix,ged
-tune-mnist: install
-	$(VENV)/bin/dpbench tune --mech $(TUNE_MECHS) --dataset mnist --model scatter_linear --eps 2 --trials 12 \
-		--jobs 2 --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40 \
-		--out results/tuning/mnist-scatter_linear-eps2.toml
+TUNE_SPACE_mnist-scatter_linear   = --dataset mnist --model scatter_linear --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40
+TUNE_SPACE_fmnist-scatter_linear  = --dataset fmnist --model scatter_linear --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40
+TUNE_SPACE_cifar10-scatter_linear = --dataset cifar10 --model scatter_linear --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40
+TUNE_SPACE_imdb-embbag            = --dataset imdb --model embbag --batch-sizes 256,512,1024 --epoch-choices 6,12,24
+TUNE_SPACE_mnist-cnn_tanh         = --dataset mnist --model cnn_tanh --batch-sizes 256,512,1024,2048 --epoch-choices 10,20,40
+TUNE_SPACE_fmnist-cnn_tanh        = --dataset fmnist --model cnn_tanh --batch-sizes 256,512,1024,2048 --epoch-choices 10,20,40
+BENCH_PAIRS := mnist-scatter_linear fmnist-scatter_linear cifar10-scatter_linear imdb-embbag mnist-cnn_tanh fmnist-cnn_tanh
+TUNE_TARGETS := $(addprefix tune-,$(BENCH_PAIRS))
+BENCHMARK_TARGETS := $(addprefix benchmark-,$(BENCH_PAIRS))
+.PHONY: $(TUNE_TARGETS) $(BENCHMARK_TARGETS) benchmark-report
+
+$(TUNE_TARGETS): tune-%: install
+	$(VENV)/bin/dpbench tune --mech $(TUNE_MECHS) $(TUNE_SPACE_$*) --eps 2 --trials 12 --jobs 2 \
+		--out results/tuning/$*-eps2.toml
+
+tune-mnist: tune-mnist-scatter_linear
+
+# The benchmark table's final runs of one pair (3 seeds, test split, its tuned recipes; resumable).
+$(BENCHMARK_TARGETS): benchmark-%: install
+	$(VENV)/bin/dpbench sweep benchmarks/benchmark/$*.toml --jobs 2
+
+# Plot and report of every pair with rows, then the headline table of all of them (md, LaTeX, CSV).
+benchmark-report: install
+	@for f in results/benchmark/*/runs.csv; do d=$${f%/runs.csv}; \
+	  $(VENV)/bin/dpbench plot $$f --published --log-eps -o $$d/accuracy_vs_eps.png && \
+	  $(VENV)/bin/dpbench report $$f -o $$d/report.md --title "dpbench benchmark: $$(basename $$d)" || exit 1; done
+	$(VENV)/bin/dpbench report results/benchmark/*/runs.csv -o results/benchmark/report.md --title "dpbench benchmark"
+	$(VENV)/bin/dpbench report results/benchmark/*/runs.csv --format latex -o results/benchmark/table.tex --title "dpbench benchmark"
+	$(VENV)/bin/dpbench report results/benchmark/*/runs.csv --format csv -o results/benchmark/table.csv
+	$(PY) benchmarks/readme_headline.py results/benchmark/*/runs.csv
 
 # The tuned recipes against the built-in ones on the MNIST test split (eps 2, 3 seeds; resumable).
 compare-tuned-mnist: install

@@ -12,13 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dpbench.style import mech_colour, mech_marker  # noqa: E402
-from dpbench.tables import horizon_label, load_published, summarize  # noqa: E402
+from dpbench.tables import DATASET_TITLES, horizon_label, load_published, summarize  # noqa: E402
 
 #: Markers of published reference points, one per model family.
 PUBLISHED_MARKERS = ("*", "P", "X", "D", "^", "v", "s", "h")
 
-DATASET_TITLES = {"mnist": "MNIST", "fmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imdb": "IMDb",
-                  "synthetic": "synthetic"}
 
 
 def _best_per_eps(rows: pd.DataFrame) -> pd.DataFrame:

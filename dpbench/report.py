@@ -22,7 +22,7 @@ from scipy import stats
 
 from dpbench.data import DATASETS
 from dpbench.mechanisms import MECHANISMS
-from dpbench.tables import GROUP, fmt_eps, load_published, mean_std
+from dpbench.tables import DATASET_TITLES, GROUP, fmt_eps, load_published, mean_std
 from dpbench.tuning.summary import tuning_lines
 
 
@@ -210,9 +210,14 @@ def headline_frame(cells: pd.DataFrame, *, bold: tuple[str, str] = ("**", "**"),
     return wide
 
 
-def _headline_markdown(cells: pd.DataFrame) -> list[str]:
+def _column_title(pair: str, eps: str) -> str:
+    dataset, _, model = pair.partition("/")
+    return f"{DATASET_TITLES.get(dataset, dataset)}<br>{model}<br>{eps.replace('eps ', 'ε ').replace('inf', '∞')}"
+
+
+def headline_markdown(cells: pd.DataFrame) -> list[str]:
     wide = headline_frame(cells)
-    header = ["mechanism"] + [f"{pair} {eps}" for pair, eps in wide.columns]
+    header = ["mechanism"] + [_column_title(pair, eps) for pair, eps in wide.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for mech, row in wide.iterrows():
         lines.append("| " + " | ".join([str(mech), *row.tolist()]) + " |")
@@ -230,7 +235,7 @@ def headline_legend(cells: pd.DataFrame) -> str:
 def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_published: bool = True,
                  baseline: str = "dpsgd", baseline_configs: tuple[str, ...] = ()) -> str:
     cells = cell_table(df, baseline=baseline, baseline_configs=baseline_configs, with_published=with_published)
-    lines = [f"# {title}", "", "## Headline", "", headline_legend(cells), "", *_headline_markdown(cells), "",
+    lines = [f"# {title}", "", "## Headline", "", headline_legend(cells), "", *headline_markdown(cells), "",
              "## Detail", "",
              "Test accuracy in %, mean ± sample std over seeds (n = number of seeds). "
              f"Δ {baseline}: mean over shared seeds of the paired difference to the `{baseline}` configuration with "
@@ -307,4 +312,4 @@ def group_means(df: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = ["FORMATS", "build_csv", "build_latex", "build_report", "cell_table", "confidence_interval", "group_means",
-           "headline_frame", "headline_table", "paired_difference", "seed_differences"]
+           "headline_frame", "headline_markdown", "headline_table", "paired_difference", "seed_differences"]

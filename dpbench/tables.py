@@ -16,6 +16,10 @@ from dpbench.results import BACKFILL
 PUBLISHED_CSV = resources.files("dpbench") / "published.csv"
 GROUP = ["dataset", "model", "mech", "eps_target", "config_hash"]
 
+#: How figures and tables name the datasets.
+DATASET_TITLES = {"mnist": "MNIST", "fmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "imdb": "IMDb",
+                  "synthetic": "synthetic"}
+
 
 def load_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
