@@ -111,7 +111,7 @@ def test_run_by_pld_reports_pld_and_every_other_eps():
 
 def test_the_default_accountant_keeps_the_hashes_of_older_rows():
     """Config hashes written before --accountant existed (the committed MNIST sweep) still match, so sweeps skip them."""
-    rows = [r for r in csv.DictReader(open(Path(__file__).parents[2] / "results/mnist/runs.csv"))
+    rows = [r for r in csv.DictReader(open(Path(__file__).parents[2] / "results/archive/mnist-2-epochs/runs.csv"))
             if r["mech"] == "dpsgd" and r["mech_params"] == "{}"]
     assert len(rows) >= 3
     for row in rows:
