@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dpbench.report import headline_markdown, cell_table, headline_legend
+from dpbench.report import cell_table, headline_legend, headline_markdown
 from dpbench.tables import load_results
 
 BEGIN = "<!-- benchmark-headline: written by benchmarks/readme_headline.py -->"

@@ -18,7 +18,6 @@ from dpbench.tables import DATASET_TITLES, horizon_label, load_published, summar
 PUBLISHED_MARKERS = ("*", "P", "X", "D", "^", "v", "s", "h")
 
 
-
 def _best_per_eps(rows: pd.DataFrame) -> pd.DataFrame:
     """One configuration per eps: the one with the most seeds, then the best mean (the others are in the report)."""
     return rows.sort_values(["n", "mean"]).groupby("eps_target").tail(1).sort_values("eps_target")

@@ -146,11 +146,10 @@ class ScalingMechanism(Mechanism):
         beta = self.momentum_beta
         if beta is not None:
             if self.privatised_ema is None:
+                state = release.original_optimizer.state
                 # a checkpoint written before the EMA moved here holds it in the optimizer's state
-                self.privatised_ema = [release.original_optimizer.state[p].pop("privatised_ema", None)
-                                       if p in release.original_optimizer.state else None for p in release.params]
-                self.privatised_ema = [torch.zeros_like(g) if e is None else e
-                                       for e, g in zip(self.privatised_ema, grads)]
+                saved = [state[p].pop("privatised_ema", None) if p in state else None for p in release.params]
+                self.privatised_ema = [torch.zeros_like(g) if e is None else e for e, g in zip(saved, grads)]
             for ema, grad in zip(self.privatised_ema, grads):
                 ema.mul_(beta).add_(grad, alpha=1.0 - beta)
                 grad.copy_(ema)
