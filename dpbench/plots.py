@@ -12,15 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from dpbench.style import mech_colour, mech_marker  # noqa: E402
-from dpbench.tables import DATASET_TITLES, horizon_label, load_published, summarize  # noqa: E402
+from dpbench.tables import DATASET_TITLES, horizon_label, load_published, shown_configurations, summarize  # noqa: E402,E501
 
 #: Markers of published reference points, one per model family.
 PUBLISHED_MARKERS = ("*", "P", "X", "D", "^", "v", "s", "h")
 
 
 def _best_per_eps(rows: pd.DataFrame) -> pd.DataFrame:
-    """One configuration per eps: the one with the most seeds, then the best mean (the others are in the report)."""
-    return rows.sort_values(["n", "mean"]).groupby("eps_target").tail(1).sort_values("eps_target")
+    return shown_configurations(rows, ["eps_target"]).sort_values("eps_target")
 
 
 def _log_ticks(ours: list[float], others: list[float]) -> list[float]:
@@ -72,7 +71,7 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
                                facecolors="white", edgecolors=mech_colour(mech), linewidths=1.2)
         control = part[~finite]
         if not control.empty:
-            top = control.sort_values(["n", "mean"]).iloc[-1]
+            top = shown_configurations(control, ["dataset"]).iloc[-1]
             label = f"non-private (eps = inf), {top['horizon']}, {int(top['n'])} seed{'s' if top['n'] > 1 else ''}"
             h = ax.axhline(100 * top["mean"], color=mech_colour("nonprivate"), ls="--", lw=1, label=label)
             handles.setdefault(label, h)

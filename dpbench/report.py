@@ -22,7 +22,7 @@ from scipy import stats
 
 from dpbench.data import DATASETS
 from dpbench.mechanisms import MECHANISMS
-from dpbench.tables import DATASET_TITLES, GROUP, fmt_eps, load_published, mean_std
+from dpbench.tables import DATASET_TITLES, GROUP, fmt_eps, load_published, mean_std, shown_configurations
 from dpbench.tuning.summary import tuning_lines
 
 
@@ -179,8 +179,7 @@ def headline_table(cells: pd.DataFrame) -> pd.DataFrame:
     """
     cells = cells.assign(pair=cells["dataset"].astype(str) + "/" + cells["model"].astype(str))
     counts = cells.groupby(["pair", "mech", "eps_target"])["config_hash"].transform("count")
-    chosen = cells.assign(multiple=counts > 1).sort_values(["n", "mean"]).groupby(
-        ["pair", "mech", "eps_target"]).tail(1)
+    chosen = shown_configurations(cells.assign(multiple=counts > 1), ["pair", "mech", "eps_target"])
     finite = chosen["eps_target"].map(math.isfinite)
     top = chosen[finite].groupby(["pair", "eps_target"])["mean"].transform("max")
     chosen["best"] = False

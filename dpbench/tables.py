@@ -65,6 +65,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def shown_configurations(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Of several configurations per ``by`` group, the one plots and headline tables show: the most seeds,
+    then the best mean (the report's detail lists the others)."""
+    return frame.sort_values(["n", "mean"]).groupby(by).tail(1)
+
+
 def horizon_label(epochs: float, steps: float) -> str:
     """``40 ep`` (or ``500 steps`` where epochs are unknown)."""
     if epochs == epochs:  # not NaN
