@@ -39,7 +39,7 @@ TUNE_MECHS ?= dpsgd,nonprivate,auto_s,psac,psasc,rs,dpis,modelmix,ged
 TUNE_SPACE_mnist-scatter_linear   = --dataset mnist --model scatter_linear --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40
 TUNE_SPACE_fmnist-scatter_linear  = --dataset fmnist --model scatter_linear --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40
 TUNE_SPACE_cifar10-scatter_linear = --dataset cifar10 --model scatter_linear --batch-sizes 512,1024,2048,4096 --epoch-choices 10,20,40
-TUNE_SPACE_imdb-embbag            = --dataset imdb --model embbag --batch-sizes 256,512,1024 --epoch-choices 6,12,24
+TUNE_SPACE_imdb-embbag            = --dataset imdb --model embbag --batch-sizes 256,512,1024 --epoch-choices 6,12,24 --lr-range sgd=1:1000
 TUNE_SPACE_mnist-cnn_tanh         = --dataset mnist --model cnn_tanh --batch-sizes 256,512,1024,2048 --epoch-choices 10,20,40
 TUNE_SPACE_fmnist-cnn_tanh        = --dataset fmnist --model cnn_tanh --batch-sizes 256,512,1024,2048 --epoch-choices 10,20,40
 BENCH_PAIRS := mnist-scatter_linear fmnist-scatter_linear cifar10-scatter_linear imdb-embbag mnist-cnn_tanh fmnist-cnn_tanh

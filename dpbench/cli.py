@@ -322,6 +322,19 @@ def sweep(
         raise typer.Exit(code=1)
 
 
+def _lr_ranges(text: Optional[str]) -> tuple[tuple[str, float, float], ...]:
+    """``sgd=1:1000,adam=1e-3:1`` as ((optimizer, low, high), ...)."""
+    ranges = []
+    for item in _split(text) or []:
+        optimizer, _, bounds = item.partition("=")
+        low, _, high = bounds.partition(":")
+        try:
+            ranges.append((optimizer.strip(), float(low), float(high)))
+        except ValueError:
+            raise BadInput(f"--lr-range {item}: expected OPTIMIZER=LOW:HIGH, e.g. sgd=1:1000") from None
+    return tuple(ranges)
+
+
 @app.command()
 def tune(
     mech: str = typer.Option(..., "--mech", help="comma-separated mechanisms; each gets the same trials and space"),
@@ -338,6 +351,9 @@ def tune(
     accountant: AccountantOption = None,
     batch_sizes: str = typer.Option("256,512,1024,2048", help="batch sizes searched (shared by every mechanism)"),
     epoch_choices: str = typer.Option("5,10,20", help="epochs searched (shared by every mechanism)"),
+    lr_range: Optional[str] = typer.Option(None, "--lr-range", help="learning-rate range of an optimizer, replacing "
+                                           "the default (sgd 0.01-30, adam 1e-4-0.1) for every mechanism that uses "
+                                           "it: sgd=1:1000 (comma-separated for several)"),
     data_dir: DataDirOption = None,
     backend: BackendOption = "local",
     address: AddressOption = None,
@@ -364,7 +380,7 @@ def tune(
         if not out_toml.endswith(".toml"):
             raise BadInput(f"--out {out_toml}: must be a .toml file")
         shared = SharedSpace(batch_sizes=tuple(_split(batch_sizes, int) or ()),
-                             epochs=tuple(_split(epoch_choices, float) or ()))
+                             epochs=tuple(_split(epoch_choices, float) or ()), lr_ranges=_lr_ranges(lr_range))
         from dpbench.distributed import check_backend
 
         check_backend(backend, address, cpus_per_run, gpus_per_run)

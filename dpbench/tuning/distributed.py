@@ -11,6 +11,7 @@ SQLite file.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -21,7 +22,7 @@ from dpbench.distributed import MAX_RETRIES, connected
 from dpbench.errors import BadInput
 from dpbench.results import record_run
 from dpbench.tuning.runner import (FINISHED, MAX_FAILURES, TuneRequest, count_trials, make_pruner, space_of,
-                                   train_reporting, trial_config)
+                                   train_reporting, trial_config, trial_progress)
 
 State = optuna.trial.TrialState
 
@@ -84,6 +85,7 @@ def work_ray(req: TuneRequest, mech: str, study: optuna.Study, failures_before: 
             except ray.exceptions.RayError as exc:  # retries exhausted: the worker or node kept dying
                 result = {"state": "fail", "detail": f"{type(exc).__name__}: {exc}", "reports": {}, "wall_s": math.nan}
             tell(study, trial, result, req.trials_csv)
+            print(trial_progress(study, mech, trial.number, req.trials, req.jobs), file=sys.stderr, flush=True)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, result: dict[str, Any], trials_csv: str) -> None:

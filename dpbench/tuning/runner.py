@@ -17,9 +17,10 @@ import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -97,7 +98,7 @@ def space_of(req: TuneRequest, mech: str) -> MechanismSpace:
 def study_meta(req: TuneRequest, mech: str) -> dict[str, Any]:
     """What a study belongs to; a study file reopened for anything else is refused."""
     return {"dataset": req.dataset, "model": tuned_model(req, mech), "eps": req.eps, "accountant": req.accountant,
-            "shared_space": asdict(req.shared), "space": space_of(req, mech).fingerprint()}
+            "shared_space": req.shared.describe(), "space": space_of(req, mech).fingerprint()}
 
 
 def check_request(req: TuneRequest) -> dict[str, dict[str, Any]]:
@@ -132,7 +133,7 @@ def check_request(req: TuneRequest) -> dict[str, dict[str, Any]]:
             raise BadInput(f"--out {path}: {probe} is not writable")
     if Path(req.study).exists():
         common = {"dataset": req.dataset, "eps": req.eps, "accountant": req.accountant,
-                  "shared_space": asdict(req.shared)}
+                  "shared_space": req.shared.describe()}
         for summary in optuna.study.get_all_study_summaries(storage(req.study), include_best_trial=False):
             seen = summary.user_attrs.get("dpbench")
             if seen is None:
@@ -142,8 +143,8 @@ def check_request(req: TuneRequest) -> dict[str, dict[str, Any]]:
                 if seen.get(key) == json.loads(json.dumps(ours)):  # as stored: tuples come back as lists
                     continue
                 if key in ("space", "shared_space"):
-                    what = ("its search space differs from the one asked (batch sizes, epochs, clip range, momentum "
-                            "or the mechanism's declared ranges)")
+                    what = ("its search space differs from the one asked (batch sizes, epochs, clip range, momentum, "
+                            "learning-rate ranges or the mechanism's declared ranges)")
                 else:
                     what = f"{key} {seen.get(key)!r} in the study, {ours!r} asked"
                 raise BadInput(f"--study {req.study}: belongs to another configuration ({summary.study_name}: "
@@ -252,6 +253,23 @@ def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failure
             trial = study.ask()
         state, value = run_trial(req, mech, space, trial)
         study.tell(trial, value, state=state)
+        print(trial_progress(study, mech, trial.number, req.trials, req.jobs), file=sys.stderr, flush=True)
+
+
+def trial_progress(study: optuna.Study, mech: str, number: int, trials: int, jobs: int) -> str:
+    """One line after a trial ends (a tune writes nothing else for many minutes): its outcome, how many of the
+    mechanism's trials are finished, and the time left for it at the mean trial time so far."""
+    from dpbench.progress import format_duration
+
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    finished = study.get_trials(deepcopy=False, states=FINISHED)
+    outcome = (f"validation accuracy {trial.value:.4f}" if trial.state == optuna.trial.TrialState.COMPLETE
+               else trial.state.name.lower())
+    walls = [float(t.user_attrs["wall_s"]) for t in finished if "wall_s" in t.user_attrs]
+    left = math.ceil(max(0, trials - len(finished)) / max(1, jobs)) * (sum(walls) / len(walls)) if walls else math.nan
+    wall = trial.user_attrs.get("wall_s", math.nan)
+    return (f"{mech}: trial {number} {outcome} in {format_duration(wall)}; {len(finished)} of {trials} finished, "
+            f"about {format_duration(left)} left for {mech}")
 
 
 def _count_fail(study: optuna.Study) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ class SharedSpace:
     batch_sizes: tuple[int, ...] = (256, 512, 1024, 2048)
     epochs: tuple[float, ...] = (5.0, 10.0, 20.0)
     momentum: tuple[float, ...] = (0.0, 0.9)
+    #: (optimizer, low, high) replacing ``LR_RANGES``' range of that optimizer, for a model whose steps need other
+    #: rates (IMDb's embedding mean learns under SGD only at rates near 100)
+    lr_ranges: tuple[tuple[str, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not (0 < self.clip[0] < self.clip[1]):
@@ -33,6 +37,28 @@ class SharedSpace:
             raise BadInput(f"--batch-sizes {','.join(map(str, self.batch_sizes))}: need positive integers")
         if not self.epochs or any(not e > 0 for e in self.epochs):
             raise BadInput(f"--epoch-choices {','.join(map(str, self.epochs))}: need positive numbers")
+        for optimizer, low, high in self.lr_ranges:
+            if optimizer not in LR_RANGES:
+                raise BadInput(f"--lr-range {optimizer}={low:g}:{high:g}: unknown optimizer {optimizer!r} "
+                               f"(known: {', '.join(LR_RANGES)})")
+            if not (0 < low < high < math.inf):
+                raise BadInput(f"--lr-range {optimizer}={low:g}:{high:g}: needs 0 < low < high")
+        if len({optimizer for optimizer, _, _ in self.lr_ranges}) < len(self.lr_ranges):
+            raise BadInput("--lr-range: one range per optimizer")
+
+    def lr_range(self, optimizer: str) -> tuple[float, float]:
+        """The learning-rate range searched for ``optimizer``: the given one, else ``LR_RANGES``'."""
+        for name, low, high in self.lr_ranges:
+            if name == optimizer:
+                return (low, high)
+        return LR_RANGES[optimizer]
+
+    def describe(self) -> dict[str, Any]:
+        """As a study stores it; without ``lr_ranges`` when none is given, as studies made before it existed."""
+        out = asdict(self)
+        if not self.lr_ranges:
+            del out["lr_ranges"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -93,5 +119,5 @@ def mechanism_space(mech: str, shared: SharedSpace, optimizer: str) -> Mechanism
         if isinstance(p.tune, TuneRange):
             own[p.name] = {"low": p.tune.low, "high": p.tune.high, "log": p.tune.log, "choices": list(p.tune.choices),
                            "type": p.type.__name__}
-    return MechanismSpace(mech, optimizer, LR_RANGES[optimizer], shared.clip if cls.private else None,
+    return MechanismSpace(mech, optimizer, shared.lr_range(optimizer), shared.clip if cls.private else None,
                           cut["batch_size"], cut["epochs"], cut["momentum"], own)

@@ -304,3 +304,20 @@ def test_run_with_momentum_exits_2_and_writes_nothing():
                               "--momentum", "0.9", "--quiet"])
     assert res.exit_code == 2 and "momentum" in res.output
     assert rows() == []
+
+
+def test_every_benchmark_pair_gives_modelmix_a_recipe_it_accepts():
+    """Tuning keeps a recipe's optimizer: an Adam recipe (IMDb's) would fail every ModelMix trial."""
+    import tomllib
+
+    from dpbench.recipes import recipe_for
+
+    specs = sorted((Path(__file__).parents[2] / "benchmarks" / "benchmark").glob("*.toml"))
+    assert specs
+    for spec in specs:
+        grid = tomllib.loads(spec.read_text())["grid"]
+        if "modelmix" not in grid["mech"]:
+            continue
+        for dataset in grid["dataset"]:
+            for model in grid["model"]:
+                assert recipe_for(dataset, "modelmix", model).optimizer == "sgd", (spec.name, dataset, model)

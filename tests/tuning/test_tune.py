@@ -16,7 +16,7 @@ from dpbench.mechanisms.dpsgd import DPSGD
 from dpbench.privacy.rdp import SGM_ORDERS
 from dpbench.registry import Entry
 from dpbench.tuning.recipes_file import read_recipes
-from dpbench.tuning.runner import TuneRequest, tune
+from dpbench.tuning.runner import TuneRequest, trial_progress, tune
 from dpbench.tuning.space import SharedSpace
 
 runner = CliRunner()
@@ -64,6 +64,8 @@ def test_equal_budget_on_the_validation_split_and_a_recipe_per_mechanism():
         assert float(row["test_acc"]) == recipe.val_acc and float(row["lr"]) == pytest.approx(recipe.lr)
         assert recipe.batch_size in (32, 64) and recipe.epochs in (1.0, 2.0)
     assert 0.01 <= recipes["auto_s"].clip <= 10 and 1e-3 <= recipes["auto_s"].mech_params["gamma"] <= 1.0
+    # a line per finished trial, so that a long tune's log shows where it is
+    assert "auto_s: trial 2 " in res.output and "3 of 3 finished, about 0:00 left for auto_s" in res.output
 
     # a finished tune trains nothing, rewrites --out and exits 0
     Path("t/recipes.toml").unlink()
@@ -76,6 +78,22 @@ def test_equal_budget_on_the_validation_split_and_a_recipe_per_mechanism():
     more = tune_cli("--mech", "dpsgd", "--trials", "4")
     assert more.exit_code == 0 and len(finished(studies()["dpsgd"])) == 4 and len(finished(studies()["auto_s"])) == 3
     assert {r.mech for r in read_recipes("t/recipes.toml")} == {"dpsgd", "auto_s"}  # auto_s's entry is kept
+
+
+def test_the_progress_line_after_a_trial_counts_its_mechanisms_finished_trials_and_the_time_left():
+    study = optuna.create_study(direction="maximize")
+    State = optuna.trial.TrialState
+    dist = {"lr": optuna.distributions.FloatDistribution(0.01, 1.0)}
+    for state, value, wall in ((State.COMPLETE, 0.91, 100.0), (State.PRUNED, None, 20.0), (State.FAIL, None, 5.0),
+                               (State.COMPLETE, 0.93, 60.0)):
+        study.add_trial(optuna.trial.create_trial(state=state, value=value, params={"lr": 0.1}, distributions=dist,
+                                                  user_attrs={"wall_s": wall}))
+    # 3 finished of 12 (the failed trial is not one), 9 left on 2 workers: 5 rounds of the mean 60 s
+    line = trial_progress(study, "dpsgd", 3, 12, 2)
+    assert line == ("dpsgd: trial 3 validation accuracy 0.9300 in 1:00; 3 of 12 finished, "
+                    "about 5:00 left for dpsgd")
+    assert "trial 1 pruned in 0:20" in trial_progress(study, "dpsgd", 1, 12, 2)
+    assert "trial 2 fail in 0:05" in trial_progress(study, "dpsgd", 2, 12, 2)
 
 
 @pytest.mark.slow  # about 15 s: two worker processes
@@ -154,12 +172,30 @@ def test_constraints_and_own_parameters_shape_each_mechanisms_space():
     assert dpsgd.own == {} and dpsgd.lr == mm.lr and dpsgd.clip == mm.clip  # the shared part is the same
 
 
+def test_a_learning_rate_range_replaces_its_optimizers_default_and_is_part_of_the_study():
+    from dpbench.tuning.space import LR_RANGES, mechanism_space
+
+    wide = SharedSpace(lr_ranges=(("sgd", 1.0, 1000.0),))
+    assert mechanism_space("modelmix", wide, "sgd").lr == (1.0, 1000.0)
+    assert mechanism_space("dpsgd", wide, "adam").lr == LR_RANGES["adam"]  # other optimizers keep theirs
+    assert "lr_ranges" not in SharedSpace().describe()  # studies made before the option still match
+    assert wide.describe()["lr_ranges"] == (("sgd", 1.0, 1000.0),)
+    assert tune_cli("--mech", "dpsgd", "--trials", "1", "--lr-range", "sgd=0.5:0.6").exit_code == 0
+    lr = studies()["dpsgd"][0].params["lr"]
+    assert 0.5 <= lr <= 0.6
+    other = tune_cli("--mech", "dpsgd", "--trials", "1")  # the same study with the default range: refused
+    assert other.exit_code == 2 and "learning-rate ranges" in other.output, other.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["--mech", "dpsdg", "--trials", "2"], "did you mean 'dpsgd'"),
     (["--mech", "dpsgd", "--trials", "0"], "--trials 0"),
     (["--mech", "dpsgd", "--trials", "2", "--dataset", "synthetic_val"], "give the dataset to tune for"),
     (["--mech", "dpsgd", "--trials", "2", "--dataset", "cifar10_aug"], "no validation split"),
     (["--mech", "dpsgd", "--trials", "2", "--batch-sizes", "0"], "--batch-sizes 0"),
+    (["--mech", "dpsgd", "--trials", "2", "--lr-range", "sgd=5:1"], "--lr-range sgd=5:1: needs 0 < low < high"),
+    (["--mech", "dpsgd", "--trials", "2", "--lr-range", "rmsprop=1:2"], "unknown optimizer 'rmsprop'"),
+    (["--mech", "dpsgd", "--trials", "2", "--lr-range", "sgd=1-1000"], "--lr-range sgd=1-1000: expected"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message):
     res = tune_cli(*args)
