@@ -57,6 +57,14 @@ tune-mnist: tune-mnist-scatter_linear
 $(BENCHMARK_TARGETS): benchmark-%: install
 	$(VENV)/bin/dpbench sweep benchmarks/benchmark/$*.toml --jobs 2
 
+# Targeted checks of a paper's claim in its own settings (benchmarks/claims/<name>.toml; resumable).
+CLAIM_CHECKS := modelmix-fmnist-scatter_cnn modelmix-cifar10-scatter_cnn
+CLAIM_TARGETS := $(addprefix claim-,$(CLAIM_CHECKS))
+.PHONY: $(CLAIM_TARGETS)
+
+$(CLAIM_TARGETS): claim-%: install
+	$(VENV)/bin/dpbench sweep benchmarks/claims/$*.toml --jobs 2
+
 # Plot and report of every pair with rows, then the headline table of all of them (md, LaTeX, CSV).
 benchmark-report: install
 	@for f in results/benchmark/*/runs.csv; do d=$${f%/runs.csv}; \

@@ -130,6 +130,21 @@ def test_each_layer_type_matches_the_reference(layer, copies):
     _check_equal(expected, fast, x, y)
 
 
+@pytest.mark.parametrize("positions", [0, 64], ids=["grouped", "patches"])
+@pytest.mark.parametrize("layer", ["conv2d", "conv2d rectangular, no bias", "conv2d dilated", "group norm"])
+def test_a_convolution_by_either_kernel_and_in_chunks_of_rows_matches_the_reference(layer, positions, monkeypatch):
+    import dpbench.persample.rules as rules
+
+    torch.manual_seed(0)
+    build, inputs = LAYERS[layer]
+    x, model = inputs(7), build()
+    monkeypatch.setattr(rules, "MAX_PATCH_POSITIONS", positions)  # these layers have 16 to 36 output positions
+    monkeypatch.setattr(rules, "MAX_GROUPED_CHANNELS", 2 * model[0].in_channels)  # grouped: 2, 2, 2, 1 rows
+    y = torch.randint(0, 3, (7,))
+    expected, fast = _reference_and_fast(model, x, y, 1)
+    _check_equal(expected, fast, x, y)
+
+
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_masked_norms_and_sums_match_the_masked_reference(layer):
     # random sparsification (rs) zeroes coordinates of every per-sample gradient before its norm
