@@ -134,6 +134,9 @@ def run_command(cfg: RunConfig, out: str, device: str, checkpoint_dir: str | Non
     Not ``--quiet``: its stderr is a pipe, so it prints plain progress lines, which the sweep shows.
     """
     args = shlex.split(cfg.command())[2:] + ["--out", out, "--device", device, "--resume"]
+    # execution settings stay out of the reproducing command (they change no result) but the run needs them
+    if cfg.physical_batch_size is not None:
+        args += ["--physical-batch-size", str(cfg.physical_batch_size)]
     if cfg.data_dir:
         args += ["--data-dir", cfg.data_dir]
     if checkpoint_dir:

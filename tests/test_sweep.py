@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from dpbench.errors import BadInput
-from dpbench.sweep import SweepSpec, expand, finished_keys, read_spec, run_sweep
+from dpbench.sweep import SweepSpec, expand, finished_keys, read_spec, run_command, run_sweep
 
 
 def test_grid_expansion_and_dedup_of_the_nonprivate_control():
@@ -64,6 +64,17 @@ def test_recipes_under_fixed_is_the_same_as_at_the_top(tmp_path):
     per_mech.write_text('[recipe.dpsgd]\nrecipes = "a.toml"\n')
     with pytest.raises(BadInput, match=r"recipes under \[recipe.dpsgd\]"):
         read_spec(str(per_mech))
+
+
+def test_execution_settings_of_a_spec_reach_its_runs(tmp_path):
+    spec = SweepSpec(grid={"mech": ["dpsgd"], "dataset": ["synthetic"], "eps": [2.0]},
+                     fixed={"steps": 2, "physical_batch_size": 16, "data_dir": str(tmp_path)})
+    (cfg,) = expand(spec)
+    args = run_command(cfg, str(tmp_path / "runs.csv"), "cpu", str(tmp_path / "ck"))
+    assert args[args.index("--physical-batch-size") + 1] == "16"
+    assert args[args.index("--data-dir") + 1] == str(tmp_path)
+    assert args[args.index("--checkpoint-dir") + 1] == str(tmp_path / "ck")
+    assert "--physical-batch-size" not in cfg.command()  # the reproducing command is unchanged
 
 
 def test_bad_spec_is_a_clear_error(tmp_path):
