@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from dpbench.cli import app
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
-from dpbench.mechanisms.ged import GED, GEDEncoder, KSDenoiser, float32_below, ks_statistic, lr_factor
+from dpbench.mechanisms import ged
+from dpbench.mechanisms.ged import GED, GEDEncoder, KSDenoiser, float32_below, ks_statistic, lr_factor, top_k_magnitudes
 from dpbench.privacy.ged import CodebookSpec, generate_codebook
 
 K, D = 40, 300
@@ -34,6 +35,37 @@ def heavy_grads(b: int, d: int, seed: int) -> torch.Tensor:
 
 
 # -- the encoder ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b,d,k,block", [(7, 300, 40, 1 << 22), (7, 300, 40, 900), (5, 30, 30, 64), (3, 8, 1, 8),
+                                         (0, 10, 4, 64), (4, 10, 0, 64)])
+def test_top_k_magnitudes_equal_torch_topk(monkeypatch, b, d, k, block):
+    monkeypatch.setattr(ged, "TOP_K_BLOCK", block)  # several blocks, the last one short, where block < b * d
+    x = heavy_grads(b, d, 3)
+    mags, cols = top_k_magnitudes(x, k)
+    expected = x.abs().topk(k, dim=1, sorted=True)
+    assert mags.dtype == torch.float32 and cols.dtype == torch.int64
+    assert torch.equal(mags, expected.values) and torch.equal(cols, expected.indices)
+
+
+def test_top_k_magnitudes_order_ties_by_column_and_keep_other_dtypes_on_topk():
+    x = torch.tensor([[1.0, -2.0, 0.5, 2.0, -1.0, 0.0], [0.0, -0.0, 3.0, 0.0, 0.0, 0.0]])
+    mags, cols = top_k_magnitudes(x, 4)
+    assert mags.tolist() == [[2.0, 2.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]]
+    assert cols.tolist() == [[1, 3, 0, 4], [2, 0, 1, 3]]
+    double = heavy_grads(3, 50, 4).double()
+    expected = double.abs().topk(10, dim=1, sorted=True)
+    mags, cols = top_k_magnitudes(double, 10)
+    assert mags.dtype == torch.float64 and torch.equal(mags, expected.values) and torch.equal(cols, expected.indices)
+
+
+def test_encoder_is_the_same_with_torch_topk(monkeypatch, codebook):
+    enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
+    grads = heavy_grads(32, D, 5)
+    fast, fast_rows = enc.encode(grads)
+    monkeypatch.setattr(ged, "top_k_magnitudes", lambda x, k: x.abs().topk(k, dim=1, sorted=True))
+    reference, reference_rows = enc.encode(grads)
+    assert torch.equal(fast, reference) and torch.equal(fast_rows, reference_rows)
+
 
 def test_encoded_vectors_lie_in_the_sensitivity_set(codebook):
     torch.manual_seed(0)
