@@ -62,14 +62,15 @@ def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     (topk leaves their order open). On the CPU a sorted topk with k in the thousands costs about as much
     as the rest of a GED step; here each entry becomes one 64-bit key, the complement of its magnitude's
     bits (non-negative floats order like their bits) above its column, and numpy's vectorised partition
-    and sort of those keys gives values and columns together (benchmarks/bench_overhead.py, --mech ged).
+    and sort of those keys gives the columns, whose magnitudes are gathered (results/perf/ged_topk_cpu.md).
     """
     b, d = x.shape
     if x.device.type != "cpu" or x.dtype != torch.float32 or k == 0 or d >= 1 << 32:
         return x.abs().topk(k, dim=1, sorted=True)
-    bits = x.detach().abs().contiguous().numpy().view(np.uint32)
+    magnitudes = x.detach().abs().contiguous()
+    bits = magnitudes.numpy().view(np.uint32)
     columns = np.arange(d, dtype=np.uint64)
-    mags, idx = np.empty((b, k), dtype=np.float32), np.empty((b, k), dtype=np.int64)
+    idx = np.empty((b, k), dtype=np.int64)
     rows = max(1, TOP_K_BLOCK // d)
     for start in range(0, b, rows):
         keys = (np.uint64(0xFFFFFFFF) - bits[start:start + rows].astype(np.uint64)) << np.uint64(32)
@@ -78,8 +79,8 @@ def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
             keys = np.partition(keys, k - 1, axis=1)[:, :k]
         keys.sort(axis=1)
         idx[start:start + rows] = keys & np.uint64(0xFFFFFFFF)
-        mags[start:start + rows] = (np.uint64(0xFFFFFFFF) - (keys >> np.uint64(32))).astype(np.uint32).view(np.float32)
-    return torch.from_numpy(mags), torch.from_numpy(idx)
+    columns_kept = torch.from_numpy(idx)
+    return magnitudes.gather(1, columns_kept), columns_kept
 
 
 class GEDEncoder:
