@@ -378,7 +378,9 @@ class Mechanism:
         return None
 
     def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
-        """``PerSample.GRADIENTS``: one chunk's per-sample gradients -> its summed contribution per parameter."""
+        """``PerSample.GRADIENTS``: one chunk's per-sample gradients -> its summed contribution per parameter.
+
+        The gradients are this chunk's own (each chunk's are taken once), so ``transform`` may overwrite them."""
         raise NotImplementedError(f"{self.name} declares per_sample = GRADIENTS but has no transform")
 
     # -- 3. noise --------------------------------------------------------------------------------

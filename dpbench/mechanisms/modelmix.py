@@ -187,9 +187,9 @@ class ModelMix(Mechanism):
             # the cap in the gradients' dtype, rounded down: float32(0.1) is above 0.1
             bound = torch.tensor([clip / math.sqrt(self.params["p"])], dtype=torch.float64)
             cap = float(round_toward_zero(bound, grad_sample.dtype))
-            # clamped in place: one b x d buffer instead of two (2x faster on the CPU, the same sum)
-            bounded = grad_sample * scale
-            sums.append(bounded.clamp_(-cap, cap).sum(dim=0))
+            # scaled and clamped in the chunk's own buffer (taken once): no second b x d buffer, whose fresh
+            # pages cost more than the arithmetic on the CPU (4.5x faster for 256 x 160k, the same sum)
+            sums.append(grad_sample.mul_(scale).clamp_(-cap, cap).sum(dim=0))
         return sums
 
     def update(self, released: list[torch.Tensor], release: DPBenchOptimizer) -> None:
