@@ -63,24 +63,27 @@ def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     as the rest of a GED step; here each entry becomes one 64-bit key, the complement of its magnitude's
     bits (non-negative floats order like their bits) above its column, and numpy's vectorised partition
     and sort of those keys gives the columns, whose magnitudes are gathered (results/perf/ged_topk_cpu.md).
+    A magnitude's bits are the entry's with the sign bit cleared (exactly what ``abs`` gives), so no b x d
+    buffer of magnitudes is made.
     """
     b, d = x.shape
     if x.device.type != "cpu" or x.dtype != torch.float32 or k == 0 or d >= 1 << 32:
         return x.abs().topk(k, dim=1, sorted=True)
-    magnitudes = x.detach().abs().contiguous()
-    bits = magnitudes.numpy().view(np.uint32)
+    values = x.detach().contiguous()
+    bits = values.numpy().view(np.uint32)
     columns = np.arange(d, dtype=np.uint64)
     idx = np.empty((b, k), dtype=np.int64)
     rows = max(1, TOP_K_BLOCK // d)
     for start in range(0, b, rows):
-        keys = (np.uint64(0xFFFFFFFF) - bits[start:start + rows].astype(np.uint64)) << np.uint64(32)
+        magnitude_bits = (bits[start:start + rows] & np.uint32(0x7FFFFFFF)).astype(np.uint64)
+        keys = (np.uint64(0xFFFFFFFF) - magnitude_bits) << np.uint64(32)
         keys |= columns
         if k < d:
             keys = np.partition(keys, k - 1, axis=1)[:, :k]
         keys.sort(axis=1)
         idx[start:start + rows] = keys & np.uint64(0xFFFFFFFF)
     columns_kept = torch.from_numpy(idx)
-    return magnitudes.gather(1, columns_kept), columns_kept
+    return values.gather(1, columns_kept).abs(), columns_kept
 
 
 class GEDEncoder:
@@ -92,15 +95,19 @@ class GEDEncoder:
         self.clip = clip
         self.kappa = kappa
 
-    def encode(self, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encoded ``b x d``, chosen row per example) for per-example gradients ``b x d``."""
+    def encode(self, grads: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoded ``b x d``, chosen row per example) for per-example gradients ``b x d``.
+
+        ``overwrite``: the encoding is written into ``grads`` itself (a buffer the caller no longer needs),
+        which saves a fresh ``b x d`` buffer.
+        """
         b, d = grads.shape
         k = min(self.k, d, self.codebook.shape[1])
-        out = torch.zeros_like(grads)
         if b == 0:
-            return out, torch.zeros(0, dtype=torch.long, device=grads.device)
+            return torch.zeros_like(grads), torch.zeros(0, dtype=torch.long, device=grads.device)
         mags, idx = top_k_magnitudes(grads, k)  # rank order, largest first
         signs = torch.sign(grads.gather(1, idx))
+        out = grads.detach().zero_() if overwrite else torch.zeros_like(grads)
         norms = mags.norm(dim=1, keepdim=True)
         h = mags * (self.clip / norms.clamp(min=self.clip)) * self.kappa
         rows = self.codebook[:, :k].to(h)
@@ -112,8 +119,8 @@ class GEDEncoder:
         out.scatter_(1, idx, signs * clamped)
         return out, chosen
 
-    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
-        return self.encode(grads)[0]
+    def __call__(self, grads: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        return self.encode(grads, overwrite)[0]
 
 
 def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -293,7 +300,7 @@ class GED(Mechanism):
         shapes = [g.shape[1:] for g in grads]
         # one row per example; reshape(len(g), -1) would be ambiguous for an empty batch
         flat = torch.cat([g.reshape(len(g), math.prod(shape)) for g, shape in zip(grads, shapes)], dim=1)
-        return self._split(self._encoder(clip, flat.device)(flat).sum(dim=0), shapes)
+        return self._split(self._encoder(clip, flat.device)(flat, overwrite=True).sum(dim=0), shapes)
 
     def _noise_generator(self, release: DPBenchOptimizer) -> torch.Generator:
         if release.generator is not None:

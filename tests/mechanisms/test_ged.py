@@ -67,6 +67,19 @@ def test_encoder_is_the_same_with_torch_topk(monkeypatch, codebook):
     assert torch.equal(fast, reference) and torch.equal(fast_rows, reference_rows)
 
 
+def test_encoder_writing_into_its_input_encodes_the_same(codebook):
+    enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
+    grads = heavy_grads(32, D, 6)
+    reference, reference_rows = enc.encode(grads)
+    buffer = grads.clone()
+    out, rows = enc.encode(buffer, overwrite=True)
+    assert torch.equal(out, reference) and torch.equal(rows, reference_rows)
+    assert out.data_ptr() == buffer.data_ptr()  # no second b x d buffer
+    assert torch.equal(enc(grads.clone(), overwrite=True), reference)
+    empty, empty_rows = enc.encode(torch.zeros(0, D), overwrite=True)
+    assert empty.shape == (0, D) and empty_rows.shape == (0,)
+
+
 def test_encoded_vectors_lie_in_the_sensitivity_set(codebook):
     torch.manual_seed(0)
     enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
