@@ -4,6 +4,10 @@ Every mechanism trains the same model on the same data in this one process, inte
 round with the non-private control, so the ratios are comparable even on a busy machine (the other
 processes' load is reported). Warm-up steps are excluded: a step's time runs from one step's start to
 the next (timestamps from the mechanism's ``begin_step``), counted only after ``--warmup`` steps.
+Time per sample is per record trained on: every step counts its logical batch B (the expected batch of
+Poisson sampling), not the records its sampler drew. DPIS draws about B/r_hat candidates a step and computes
+each one's gradient norm, so per drawn record it looks up to 1/r_hat times cheaper than it is per step;
+``drawn/B`` reports that ratio.
 Peak memory is measured apart, one fresh process per mechanism (an allocator that has served earlier runs
 hides their growth): the largest resident set during training (sampled every 2 ms) above the one before;
 on a GPU, the peak of torch's allocated device memory above the one before.
@@ -68,8 +72,11 @@ class PeakRss:
         return self.peak - self.start
 
 
-def measure(cfg, data, device: torch.device, warmup: int, steps: int) -> tuple[float, int, int]:  # noqa: ANN001
-    """(seconds, samples, peak extra bytes) of ``steps`` steps after ``warmup``, one run of the real loop."""
+def measure(cfg, data, device: torch.device, warmup: int, steps: int) -> tuple[float, int, int, int]:  # noqa: ANN001
+    """(seconds, records trained on, records drawn, peak extra bytes) of ``steps`` steps after ``warmup``.
+
+    One run of the real loop. Records trained on: ``steps`` logical batches of ``cfg.batch_size``.
+    """
     mech = get_mechanism(cfg.mech)(**cfg.mech_params)
     mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
     starts: list[float] = []
@@ -96,7 +103,8 @@ def measure(cfg, data, device: torch.device, warmup: int, steps: int) -> tuple[f
     with PeakRss() as memory:
         train(cfg, mech, data, 1.0 if mech.private else 0.0, total, device, show_progress=False)
     extra = memory.extra if device.type != "cuda" else torch.cuda.max_memory_allocated(device) - before
-    return starts[warmup + steps] - starts[warmup], sum(sizes[warmup:warmup + steps]), extra
+    return (starts[warmup + steps] - starts[warmup], steps * cfg.batch_size, sum(sizes[warmup:warmup + steps]),
+            extra)
 
 
 def memory_of(name: str, args: argparse.Namespace) -> int:
@@ -139,18 +147,20 @@ def main() -> None:
     data = prepare_for_model(load_dataset(args.dataset, args.data_dir), model, device)
     if args.memory_of:
         cfg = dataclasses.replace(configs[args.memory_of], model=model, batch_size=batch_size)
-        print(measure(cfg, data, device, args.warmup, args.steps)[2])
+        print(measure(cfg, data, device, args.warmup, args.steps)[3])
         return
     seconds = {n: 0.0 for n in names}
     samples = {n: 0 for n in names}
+    drawn = {n: 0 for n in names}
     peak = {n: 0 for n in names}
     meter = LoadMeter()
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):  # alternate the order, so drift cancels
             cfg = dataclasses.replace(configs[name], model=model, batch_size=batch_size, seed=r)
-            s, n, _ = measure(cfg, data, device, args.warmup, args.steps)
+            s, n, d, _ = measure(cfg, data, device, args.warmup, args.steps)
             seconds[name] += s
             samples[name] += n
+            drawn[name] += d
     load = meter.other_load()  # before the memory runs: they are our own child processes
     for name in names:
         peak[name] = memory_of(name, args)
@@ -158,6 +168,7 @@ def main() -> None:
     rows = [{"dataset": args.dataset, "model": model, "mech": n, "batch_size": batch_size,
              "samples_per_s": round(samples[n] / seconds[n], 1),
              "ratio_vs_nonprivate": round(seconds[n] / samples[n] / base_time, 3),
+             "drawn_per_batch": round(drawn[n] / samples[n], 3),
              "peak_mem_mb": round(peak[n] / 2**20, 1),
              "peak_mem_ratio": round(peak[n] / max(peak["nonprivate"], 1), 3),
              "steps": args.steps * args.rounds, "threads": torch.get_num_threads(), "device": args.device,
@@ -170,12 +181,12 @@ def main() -> None:
         return
     t = Table(title=f"{args.dataset}/{model}: {args.rounds} x {args.steps} measured steps, {torch.get_num_threads()} "
                     f"threads, other load {load:.2f} cores" if load is not None else f"{args.dataset}/{model}")
-    for col in ("mechanism", "B", "samples/s", "time/sample vs non-private", "peak extra memory (MB)",
+    for col in ("mechanism", "B", "drawn/B", "samples/s", "time/sample vs non-private", "peak extra memory (MB)",
                 "vs non-private"):
         t.add_column(col)
     for row in rows:
-        t.add_row(row["mech"], str(row["batch_size"]), f"{row['samples_per_s']:.0f}", f"{row['ratio_vs_nonprivate']:.2f}x",
-                  f"{row['peak_mem_mb']:.0f}", f"{row['peak_mem_ratio']:.2f}x")
+        t.add_row(row["mech"], str(row["batch_size"]), f"{row['drawn_per_batch']:.2f}", f"{row['samples_per_s']:.0f}",
+                  f"{row['ratio_vs_nonprivate']:.2f}x", f"{row['peak_mem_mb']:.0f}", f"{row['peak_mem_ratio']:.2f}x")
     Console().print(t)
 
 

@@ -81,9 +81,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Machine: {meta['machine']}; OMP_NUM_THREADS={meta['threads']}; commit {meta.get('git_commit')}; "
              f"{meta['minutes']} min. Other load: "
              "the other processes' average CPU use (cores) while the configuration's times were measured.", "",
-             "| dataset | model | mechanism | per-sample path | B | samples/s | time/sample vs non-private | "
+             "Time per sample is per record trained on (B a step); drawn/B: the records the sampler drew per "
+             "record trained on (DPIS's candidates; empty in tables measured before it was reported).", "",
+             "| dataset | model | mechanism | per-sample path | B | drawn/B | samples/s | time/sample vs non-private | "
              "vs dpsgd | target | peak extra memory (MB) | vs non-private | other load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = (r["dataset"], r["model"])
         if r["mech"] == "nonprivate":
@@ -94,7 +96,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             vs = f"{r['ratio_vs_nonprivate'] / dpsgd[key]:.2f}x" if key in dpsgd else ""
             target = f"<= {MECH_TARGETS.get(r['mech'], OTHER_MECH_TARGET)}x dpsgd"
         lines.append(f"| {r['dataset']} | {r['model']} | {r['mech']} | {r.get('grad_sample') or '-'} | "
-                     f"{r['batch_size']} | {r['samples_per_s']:.0f} | {r['ratio_vs_nonprivate']:.2f}x | {vs} | "
+                     f"{r['batch_size']} | {r.get('drawn_per_batch', '')} | {r['samples_per_s']:.0f} | {r['ratio_vs_nonprivate']:.2f}x | {vs} | "
                      f"{target} | {r['peak_mem_mb']:.0f} | {r['peak_mem_ratio']:.2f}x | {r.get('other_load', '')} |")
     lines += ["", "Commands:", "", *[f"    {c}" for c in meta["commands"]], ""]
     return "\n".join(lines)
