@@ -96,7 +96,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             vs = f"{r['ratio_vs_nonprivate'] / dpsgd[key]:.2f}x" if key in dpsgd else ""
             target = f"<= {MECH_TARGETS.get(r['mech'], OTHER_MECH_TARGET)}x dpsgd"
         lines.append(f"| {r['dataset']} | {r['model']} | {r['mech']} | {r.get('grad_sample') or '-'} | "
-                     f"{r['batch_size']} | {r.get('drawn_per_batch', '')} | {r['samples_per_s']:.0f} | {r['ratio_vs_nonprivate']:.2f}x | {vs} | "
+                     f"{r['batch_size']} | {r.get('drawn_per_batch', '')} | {r['samples_per_s']:.0f} | "
+                     f"{r['ratio_vs_nonprivate']:.2f}x | {vs} | "
                      f"{target} | {r['peak_mem_mb']:.0f} | {r['peak_mem_ratio']:.2f}x | {r.get('other_load', '')} |")
     lines += ["", "Commands:", "", *[f"    {c}" for c in meta["commands"]], ""]
     return "\n".join(lines)
