@@ -67,7 +67,10 @@ def check_backend(backend: str, address: str | None, cpus_per_run: float, gpus_p
 def connected(address: str | None) -> Iterator[Any]:
     """Ray, connected to the cluster at ``address`` or to a local instance started here (and stopped after).
 
-    A process already connected (a test's cluster) keeps its connection.
+    Without an address Ray is asked for a new local instance ("local"): left to itself it would join the cluster
+    that ``RAY_ADDRESS`` or ``/tmp/ray/ray_current_cluster`` names, which may be another user's or long dead
+    (a killed driver leaves that file behind). A process already connected (a test's cluster) keeps its
+    connection.
     """
     ray = require_ray()
     if ray.is_initialized():
@@ -77,7 +80,7 @@ def connected(address: str | None) -> Iterator[Any]:
         check_reachable(address)
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": env} if env else None)
     except (ConnectionError, ValueError) as exc:
         raise BadInput(f"--address {address}: cannot connect to a Ray cluster there ({exc})") from None

@@ -11,6 +11,7 @@ recipe, then the default one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Union
 
@@ -99,6 +100,28 @@ def lookup(own: Mapping[RecipeKey, Recipe], dataset: str, model: str | None = No
             for table in (own, DEFAULT_RECIPES):
                 if key in table:
                     return table[key]
+    return None
+
+
+def reachable_epochs(mech: str, params: Mapping[str, Any], dataset: str, *, batch_size: int, clip: float,
+                     epochs: float, eps: float, delta: float) -> float | None:
+    """The longest of ``epochs``, ``epochs / 2``, ``epochs / 4``, ... (at least one step) at which mechanism
+    ``mech`` can be calibrated to ``eps`` on ``dataset`` with this batch size and clip; None if none can.
+
+    Tuned grids double their epoch choices, so the halvings are the horizons a tuned recipe could have chosen.
+    """
+    from dpbench.data import DATASETS
+    from dpbench.mechanisms import get_mechanism
+    from dpbench.privacy import eps_reachable
+
+    n = int(DATASETS.entry(dataset).meta["train_size"])
+    mechanism = get_mechanism(mech)(**params)
+    mechanism.bind(batch_size=batch_size, clip=clip)
+    q = batch_size / n
+    while (steps := int(math.floor(epochs * n / batch_size))) >= 1:
+        if eps_reachable(mechanism, eps, q, steps, delta):
+            return float(epochs)
+        epochs /= 2
     return None
 
 

@@ -59,3 +59,61 @@ def test_hash_ignores_seed_device_paths_but_not_hyperparameters():
                    dict(delta=1e-6), dict(momentum=0.5), dict(model="linear"), dict(mech_params={"p": 1})):
         assert dataclasses.replace(base, **change).hash("mnist") != h, change
     assert base.hash("mnist-other-variant") != h
+
+
+def tuned_file(tmp_path, **values) -> str:
+    """A recipes TOML with one tuned GED recipe (batch 64 on the synthetic data unless ``values`` say otherwise)."""
+    from dpbench.tuning.recipes_file import TunedRecipe, write_recipes
+
+    fields = dict(mech="ged", dataset="synthetic", eps=2.0, model="linear", batch_size=64, epochs=8.0, lr=0.1,
+                  optimizer="sgd", momentum=0.0, clip=0.5, source="t/study.db#3", val_acc=0.9, trials=12, pruned=0,
+                  cpu_s=1.0, mech_params={"kappa": 2.0})
+    fields.update(values)
+    path = tmp_path / "recipes.toml"
+    write_recipes(path, [TunedRecipe(**fields)], "test recipes")
+    return str(path)
+
+
+def steps_reach(cfg, n: int) -> bool:
+    from dpbench.mechanisms import get_mechanism
+    from dpbench.privacy import eps_reachable
+
+    mech = get_mechanism(cfg.mech)(**cfg.mech_params)
+    mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
+    return eps_reachable(mech, cfg.eps, cfg.batch_size / n, cfg.num_steps(n), cfg.delta)
+
+
+def test_a_tuned_horizon_that_cannot_reach_the_eps_is_halved_and_nothing_else_changes(tmp_path):
+    recipes = tuned_file(tmp_path)
+    at_tuned = resolve({"mech": "ged", "dataset": "synthetic", "eps": 2.0, "recipes": recipes})
+    assert at_tuned.epochs == 8.0 and at_tuned.recipe_source == "t/study.db#3" and steps_reach(at_tuned, 512)
+    cut = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes})
+    assert not steps_reach(dataclasses.replace(cut, epochs=8.0), 512)  # the tuned 8 epochs cannot reach eps 1
+    assert cut.epochs == 4.0 and steps_reach(cut, 512)  # the longest halving that can
+    assert cut.recipe_source == "t/study.db#3 (epochs 8 -> 4: eps 1 unreachable at 8)"
+    kept = ("batch_size", "lr", "optimizer", "momentum", "clip", "mech_params", "model")
+    assert {k: getattr(cut, k) for k in kept} == {k: getattr(at_tuned, k) for k in kept}
+    assert cut.hash("synthetic") == dataclasses.replace(at_tuned, eps=1.0, epochs=4.0).hash("synthetic")
+
+
+@pytest.mark.parametrize("eps", [0.25, 0.5, 1.0, 2.0, 4.0])
+def test_the_horizon_rule_never_picks_an_unreachable_horizon(tmp_path, eps):
+    recipes = tuned_file(tmp_path, epochs=32.0)
+    cfg = resolve({"mech": "ged", "dataset": "synthetic", "eps": eps, "recipes": recipes})
+    if cfg.epochs == 32.0:  # left alone only where the tuned horizon reaches eps
+        assert steps_reach(cfg, 512) and cfg.recipe_source == "t/study.db#3"
+    else:
+        assert cfg.epochs in (16.0, 8.0, 4.0, 2.0, 1.0) and steps_reach(cfg, 512)
+        assert not steps_reach(dataclasses.replace(cfg, epochs=2 * cfg.epochs), 512)  # and it is the longest
+
+
+def test_a_horizon_given_by_flag_or_without_recipes_is_never_changed(tmp_path):
+    recipes = tuned_file(tmp_path)
+    flag = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes, "epochs": 8.0})
+    assert flag.epochs == 8.0 and flag.recipe_source == "t/study.db#3"  # run then names the unreachable eps
+    steps = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes, "steps": 64})
+    assert steps.steps == 64 and steps.epochs is None
+    builtin = resolve({"mech": "ged", "dataset": "mnist", "model": "cnn_tanh", "eps": 0.05, "batch_size": 1024})
+    assert builtin.epochs == recipe_for("mnist", "ged", "cnn_tanh").epochs  # the rule is for tuned recipes only
+    nothing = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1e-3, "recipes": recipes})
+    assert nothing.epochs == 8.0 and nothing.recipe_source == "t/study.db#3"  # no halving reaches it: unchanged

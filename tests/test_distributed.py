@@ -44,6 +44,7 @@ def test_ray_sweep_on_a_local_instance_writes_the_local_backends_rows(tmp_path, 
     from dpbench.distributed import run_sweep_ray
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads on both sides, so the same floats
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # a stale address (nothing answers) must not be joined
     configs = grid([2.0], 6, ("dpsgd", "nonprivate"))
     local, remote = tmp_path / "local" / "runs.csv", tmp_path / "ray" / "runs.csv"
     assert all(o.ok for o in run_sweep(configs, str(local), jobs=1))

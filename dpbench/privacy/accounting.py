@@ -40,7 +40,7 @@ MAX_EPS = {"rdp": math.inf, "pld": PLD_MAX_EPS, "prv": PRV_MAX_EPS}
 HARD_MAX_RDP_EPS = {"rdp": math.inf, "pld": 4 * PLD_MAX_EPS, "prv": 2 * PRV_MAX_EPS}
 
 __all__ = ["ACCOUNTANTS", "MAX_NOISE", "PLD_MAX_EPS", "PRV_MAX_EPS", "PrivacyReport", "account",
-           "accountant_name", "calibrate", "check_accountant", "check_accountant_name"]
+           "accountant_name", "calibrate", "check_accountant", "check_accountant_name", "eps_reachable"]
 
 
 @dataclass(frozen=True)
@@ -200,14 +200,20 @@ def calibrate(mech: "Mechanism", target_eps: float, q: float, steps: int, delta:
     return _bisect(fits, start, tol, unreachable, shrink=0.8 if accountant == "prv" else 1.0 - 4.0 * tol)
 
 
+def eps_reachable(mech: "Mechanism", target_eps: float, q: float, steps: int, delta: float) -> bool:
+    """Whether ``calibrate`` can reach ``target_eps`` at this q and T: its RDP stage (which every accountant
+    runs first) declares a target unreachable exactly when the noise ``MAX_NOISE`` does not fit by RDP."""
+    return not mech.private or _rdp_eps(mech, MAX_NOISE, q, steps, delta)[0] <= target_eps
+
+
 def _bisect(fits: Callable[[float], bool], start: float, rel_tol: float, unreachable: Callable[[], BadInput],
             shrink: float = 0.5) -> float:
     """Smallest noise (to ``rel_tol``) that ``fits``, assuming fits is monotone; the answer always fits."""
     hi = start
     while not fits(hi):
-        hi /= shrink
-        if hi > MAX_NOISE:
+        if hi >= MAX_NOISE:  # MAX_NOISE itself is the last noise tried, so ``eps_reachable`` is exact
             raise unreachable()
+        hi = min(hi / shrink, MAX_NOISE)
     lo = hi * shrink
     while fits(lo):
         hi, lo = lo, lo * shrink

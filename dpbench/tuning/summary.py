@@ -11,7 +11,7 @@ def tuning_lines(df: pd.DataFrame) -> list[str]:
     """Markdown lines on the studies named in ``recipe_source`` (``<study>#<trial>``); none if no row is tuned."""
     if "recipe_source" not in df:
         return []
-    tuned = df[df["recipe_source"].astype(str).str.contains("#", regex=False)]
+    tuned = df[df["recipe_source"].astype(str).str.contains(r"#\d", regex=True)]
     if tuned.empty:
         return []
     lines = ["## Tuning", "",
@@ -20,8 +20,12 @@ def tuning_lines(df: pd.DataFrame) -> list[str]:
              "wall time of all its trials, one thread each.", "",
              "| mechanism | study | trials | pruned | failed | CPU-seconds | best validation accuracy | chosen trial |",
              "|---|---|---|---|---|---|---|---|"]
-    for (mech, source), _ in tuned.groupby(["mech", "recipe_source"], sort=True):
-        study_path, _, number = str(source).rpartition("#")
+    # a source is "<study>#<trial>", with " (<why>)" after it where run --recipes changed the tuned horizon
+    parts = tuned["recipe_source"].astype(str).str.extract(r"^(?P<study>.*)#(?P<trial>\d+)(?: \((?P<why>.*)\))?$")
+    tuned = tuned.assign(study=parts["study"], trial=parts["trial"], why=parts["why"].fillna(""))
+    for (mech, study_path, trial), rows in tuned.groupby(["mech", "study", "trial"], sort=True):
+        changes = sorted(set(rows["why"]) - {""})
+        number = trial + "".join(f"; {why}" for why in changes)
         if not Path(study_path).is_file():
             lines.append(f"| {mech} | `{study_path}` (not found) | - | - | - | - | - | {number} |")
             continue

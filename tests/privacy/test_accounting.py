@@ -108,3 +108,18 @@ def test_calibration_matches_opacus_within_its_tolerance():
 def test_nonprivate_reports_infinite_eps():
     report = account(get_mechanism("nonprivate")(), 0.0, 0.01, 100, 1e-5)
     assert math.isinf(report.eps) and report.accountant == "none"
+
+
+def test_eps_reachable_is_exactly_where_calibration_gives_up():
+    from dpbench.errors import BadInput
+    from dpbench.privacy import eps_reachable
+    from dpbench.privacy.accounting import MAX_NOISE
+
+    q, steps = 1.0, 10**6  # the plain Gaussian: eps at noise MAX_NOISE is well above zero, and cheap
+    edge = account(DPSGD, MAX_NOISE, q, steps, 1e-5, with_others=False).eps  # the least eps calibration reaches
+    assert eps_reachable(DPSGD, edge, q, steps, 1e-5)
+    sigma = calibrate(DPSGD, edge, q, steps, 1e-5)  # reachable means calibrate finds it, up to MAX_NOISE itself
+    assert sigma <= MAX_NOISE and account(DPSGD, sigma, q, steps, 1e-5).eps <= edge
+    assert not eps_reachable(DPSGD, 0.999 * edge, q, steps, 1e-5)
+    with pytest.raises(BadInput, match="unreachable"):
+        calibrate(DPSGD, 0.999 * edge, q, steps, 1e-5)

@@ -244,6 +244,28 @@ def test_run_uses_the_tuned_recipe_and_records_where_it_came_from():
     assert missing.exit_code == 2 and "no tuned recipe for auto_s" in missing.output and not Path("x.csv").exists()
 
 
+def test_run_cuts_a_tuned_horizon_that_cannot_reach_the_eps_and_says_so():
+    from dpbench.tuning.recipes_file import TunedRecipe, write_recipes
+
+    # GED on the synthetic data at batch 64: eps 1 is reachable at 4 epochs, not at the 8 tuned at eps 2
+    tuned = TunedRecipe(mech="ged", dataset="synthetic", eps=2.0, model="linear", batch_size=64, epochs=8.0, lr=0.1,
+                        optimizer="sgd", momentum=0.0, clip=0.5, source="t/study.db#3", val_acc=0.9, trials=12,
+                        pruned=0, cpu_s=1.0, mech_params={"kappa": 2.0})
+    write_recipes("ged.toml", [tuned], "test")
+    res = runner.invoke(app, ["run", "--mech", "ged", "--dataset", "synthetic", "--eps", "1", "--recipes", "ged.toml",
+                              "--quiet", "--out", "ged.csv"])
+    assert res.exit_code == 0, res.output
+    assert "eps 1 is unreachable at the tuned horizon (8 epochs of batch 64); using 4 epochs" in res.output
+    (row,) = rows("ged.csv")
+    assert float(row["epochs"]) == 4.0 and int(row["steps"]) == 4 * 512 // 64 and float(row["eps_spent"]) <= 1.0
+    assert row["recipe_source"] == "t/study.db#3 (epochs 8 -> 4: eps 1 unreachable at 8)"
+    assert float(row["lr"]) == tuned.lr and float(row["clip"]) == tuned.clip and int(row["batch_size"]) == 64
+    assert "--epochs 4 " in row["command"]
+    report = runner.invoke(app, ["report", "ged.csv"])
+    assert report.exit_code == 0, report.output
+    assert "| 3; epochs 8 -> 4: eps 1 unreachable at 8 |" in report.output  # the tuning table names the change
+
+
 @pytest.mark.slow  # about 17 s: a sweep of subprocess runs (run --recipes is tested in-process)
 def test_a_sweep_with_tuned_recipes_records_their_source():
     assert tune_cli("--mech", "dpsgd", "--trials", "1").exit_code == 0
