@@ -212,41 +212,46 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
         raise BadInput(f"unknown option(s) in --config: {', '.join(unknown)}")
     merged.setdefault("delta", 1e-5)
     merged.setdefault("steps", None)
-    if recipes_path and "epochs" not in given and "steps" not in given:
-        merged["epochs"], merged["recipe_source"] = fit_tuned_horizon(merged)
+    if recipes_path and "steps" not in given:
+        tuned_epochs = recipe["epochs"]
+        fitted = fit_tuned_horizon({**merged, "epochs": tuned_epochs})
+        if fitted is not None:
+            cut = (f"{merged['recipe_source']} (epochs {tuned_epochs:g} -> {fitted:g}: eps {eps:g} unreachable at "
+                   f"{tuned_epochs:g})")
+            if "epochs" not in given:
+                import sys
+
+                print(f"note: {mech} on {merged['dataset']}: eps {eps:g} is unreachable at the tuned horizon "
+                      f"({tuned_epochs:g} epochs of batch {merged['batch_size']}); using {fitted:g} epochs, the "
+                      f"longest halving that reaches it (every other tuned value kept)", file=sys.stderr)
+                merged["epochs"], merged["recipe_source"] = fitted, cut
+            elif given["epochs"] == fitted:  # the rule's horizon given back, as by the command a row records
+                merged["recipe_source"] = cut
     return RunConfig(**merged)
 
 
-def fit_tuned_horizon(options: dict[str, Any]) -> tuple[float, str]:
-    """A tuned recipe's epochs and source, with the epochs halved until the target eps is reachable.
+def fit_tuned_horizon(options: dict[str, Any]) -> float | None:
+    """The epochs to train a tuned recipe for when its own cannot reach the target eps; None when they can.
 
     A recipe tuned at one eps may train too long for a smaller one (a mechanism whose own bound needs a
     minimum of noise per step, such as GED, cannot reach eps 1 at 40 epochs of batch 1024 on MNIST). The
     rule (benchmarks/PROTOCOL.md, Deviations) keeps every other tuned value and takes the longest halving of
-    the horizon that reaches the eps; the source says so, and so does stderr. Values that are themselves
-    invalid are left for ``validate`` to name.
+    the horizon that reaches the eps. None also where no halving reaches it, and for values that are
+    themselves invalid, which ``validate`` names.
     """
-    import sys
-
     from dpbench.data import DATASETS
     from dpbench.recipes import reachable_epochs
 
-    epochs, source, eps = options["epochs"], options["recipe_source"], options["eps"]
+    epochs, eps, batch_size = options["epochs"], options["eps"], options["batch_size"]
     n = DATASETS.entry(options["dataset"]).meta.get("train_size")
-    batch_size = options["batch_size"]
     if (not is_private(options["mech"]) or not (isinstance(eps, (int, float)) and 0 < eps < math.inf)
             or not isinstance(batch_size, int) or not n or not 0 < batch_size <= n
             or not (isinstance(epochs, (int, float)) and epochs > 0)
             or not (isinstance(options["clip"], (int, float)) and options["clip"] >= MIN_CLIP)):
-        return epochs, source
+        return None
     fitted = reachable_epochs(options["mech"], options["mech_params"], options["dataset"], batch_size=batch_size,
                               clip=options["clip"], epochs=epochs, eps=eps, delta=options["delta"])
-    if fitted is None or fitted == epochs:
-        return epochs, source
-    print(f"note: {options['mech']} on {options['dataset']}: eps {eps:g} is unreachable at the tuned horizon "
-          f"({epochs:g} epochs of batch {batch_size}); using {fitted:g} epochs, the longest halving that reaches "
-          f"it (every other tuned value kept)", file=sys.stderr)
-    return fitted, f"{source} (epochs {epochs:g} -> {fitted:g}: eps {eps:g} unreachable at {epochs:g})"
+    return None if fitted is None or fitted == epochs else fitted
 
 
 def tuned_recipe(path: str, mech: str, dataset: str, model: str | None, eps: float) -> "TunedRecipe":

@@ -111,6 +111,11 @@ def test_a_horizon_given_by_flag_or_without_recipes_is_never_changed(tmp_path):
     recipes = tuned_file(tmp_path)
     flag = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes, "epochs": 8.0})
     assert flag.epochs == 8.0 and flag.recipe_source == "t/study.db#3"  # run then names the unreachable eps
+    other = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes, "epochs": 2.0})
+    assert other.epochs == 2.0 and other.recipe_source == "t/study.db#3"
+    # the rule's own horizon given back (a row's command does so) keeps the source that says why
+    again = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes, "epochs": 4.0})
+    assert again.recipe_source == "t/study.db#3 (epochs 8 -> 4: eps 1 unreachable at 8)"
     steps = resolve({"mech": "ged", "dataset": "synthetic", "eps": 1.0, "recipes": recipes, "steps": 64})
     assert steps.steps == 64 and steps.epochs is None
     builtin = resolve({"mech": "ged", "dataset": "mnist", "model": "cnn_tanh", "eps": 0.05, "batch_size": 1024})

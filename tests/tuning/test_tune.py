@@ -261,6 +261,10 @@ def test_run_cuts_a_tuned_horizon_that_cannot_reach_the_eps_and_says_so():
     assert row["recipe_source"] == "t/study.db#3 (epochs 8 -> 4: eps 1 unreachable at 8)"
     assert float(row["lr"]) == tuned.lr and float(row["clip"]) == tuned.clip and int(row["batch_size"]) == 64
     assert "--epochs 4 " in row["command"]
+    again = runner.invoke(app, ["run", *row["command"].split()[2:], "--quiet", "--out", "again.csv"])  # as a sweep
+    assert again.exit_code == 0, again.output
+    assert rows("again.csv")[0]["recipe_source"] == row["recipe_source"]
+    assert rows("again.csv")[0]["config_hash"] == row["config_hash"]
     report = runner.invoke(app, ["report", "ged.csv"])
     assert report.exit_code == 0, report.output
     assert "| 3; epochs 8 -> 4: eps 1 unreachable at 8 |" in report.output  # the tuning table names the change
