@@ -43,7 +43,8 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
 
     Each mechanism keeps its colour and marker (:mod:`dpbench.style`). A line joins points of the same
     horizon only; a mean over several seeds is a filled marker with a +- std bar, a single-seed point an
-    open marker. Panel titles give the model, the horizon and the seed counts.
+    open marker; the points of a mechanism that ran at several horizons name theirs. Panel titles give the
+    model, the horizon and the seed counts.
     """
     summary = summarize(df)
     summary["horizon"] = [horizon_label(e, t) for e, t in zip(summary["epochs"], summary["steps"])]
@@ -60,7 +61,13 @@ def plot_results(df: pd.DataFrame, *, published: pd.DataFrame | None = None, log
         shown = pd.concat([*best.values(), part[~finite]])
         mixed_horizons = shown["horizon"].nunique() > 1
         for mech in mechs:
+            # one mechanism at several horizons keeps one colour and marker: each point then names its horizon
+            own_horizons = best[mech]["horizon"].nunique() > 1
             for seg in _segments(best[mech]):
+                if own_horizons:
+                    for x, y in zip(seg["eps_target"], 100 * seg["mean"]):
+                        ax.annotate(seg["horizon"].iloc[0], (x, y), xytext=(6, -3), textcoords="offset points",
+                                    fontsize=7, color=mech_colour(mech))
                 label = mech + (f" ({seg['horizon'].iloc[0]})" if mixed_horizons else "")
                 h = ax.errorbar(seg["eps_target"], 100 * seg["mean"], yerr=100 * seg["std"],
                                 marker=mech_marker(mech), ms=5, capsize=3, lw=1.5, color=mech_colour(mech), label=label)

@@ -218,6 +218,10 @@ def test_plot_keeps_colours_across_figures_opens_single_seeds_and_never_joins_ho
     assert set(bars) == {"dpsgd (1 ep)", "dpis (1 ep)", "dpis (2 ep)"}
     assert list(bars["dpis (1 ep)"].lines[0].get_xdata()) == [1.0, 3.0]  # the 2-epoch point is not joined
     assert list(bars["dpis (2 ep)"].lines[0].get_xdata()) == [8.0]
+    # dpis's points, one colour and marker at two horizons, each name theirs; dpsgd's (one horizon) do not
+    notes = sorted((t.get_text(), t.xy[0]) for t in ax.texts)
+    assert notes == [("1 ep", 1.0), ("1 ep", 3.0), ("2 ep", 8.0)]
+    assert all(t.get_color() == mech_colour("dpis") for t in ax.texts)
     open_points = [c for c in ax.collections if isinstance(c, PathCollection)
                    and c.get_facecolors()[0][:3].tolist() == [1, 1, 1]]
     assert len(open_points) == 1 and open_points[0].get_offsets()[0][0] == 1.0
