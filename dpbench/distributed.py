@@ -70,14 +70,15 @@ def connected(address: str | None) -> Iterator[Any]:
     Without an address Ray is asked for a new local instance ("local"): left to itself it would join the cluster
     that ``RAY_ADDRESS`` or ``/tmp/ray/ray_current_cluster`` names, which may be another user's or long dead
     (a killed driver leaves that file behind). A process already connected (a test's cluster) keeps its
-    connection.
+    connection; an ``address`` naming another cluster is then refused.
     """
     ray = require_ray()
-    if ray.is_initialized():
-        yield ray
-        return
     if address is not None:
         check_reachable(address)
+    if ray.is_initialized():
+        check_same_cluster(address, ray.get_runtime_context().gcs_address)
+        yield ray
+        return
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -88,6 +89,17 @@ def connected(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_same_cluster(address: str | None, connected_to: str) -> None:
+    """An ``address`` given to a process already connected elsewhere is refused, not silently replaced by the
+    connection (hosts may be spelled differently for one cluster, so the ports decide)."""
+    if address is None or "://" in address or address in ("auto", "local"):
+        return
+    port, connected_port = address.rpartition(":")[2], connected_to.rpartition(":")[2]
+    if port.isdigit() and connected_port.isdigit() and int(port) != int(connected_port):
+        raise BadInput(f"--address {address}: this process is already connected to the Ray cluster at "
+                       f"{connected_to}; disconnect (ray.shutdown()) first or pass that address")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -216,6 +216,27 @@ def test_backend_options_are_checked_before_anything_runs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_address_other_than_the_connected_clusters_is_refused(connected, tmp_path):
+    import socket
+
+    from dpbench.distributed import check_same_cluster, run_sweep_ray
+
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()  # reachable, so the refusal below is about the connection, not the address
+    port = other.getsockname()[1]
+    out = tmp_path / "r.csv"
+    try:
+        with pytest.raises(BadInput, match=f"--address 127.0.0.1:{port}: this process is already connected"):
+            run_sweep_ray(grid([2.0], 2), str(out), address=f"127.0.0.1:{port}")
+    finally:
+        other.close()
+    assert not out.exists() and ray.is_initialized()  # nothing ran; the connection is the caller's to close
+    own_port = connected.address.rpartition(":")[2]
+    check_same_cluster(f"localhost:{own_port}", connected.address)  # the same port: the same cluster
+    check_same_cluster(None, connected.address)
+
+
 def test_missing_ray_is_an_exit_2_that_says_how_to_install_it(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
