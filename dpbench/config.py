@@ -249,7 +249,7 @@ def fit_tuned_horizon(options: dict[str, Any]) -> float | None:
             or not (isinstance(epochs, (int, float)) and epochs > 0)
             or not (isinstance(options["clip"], (int, float)) and options["clip"] >= MIN_CLIP)):
         return None
-    fitted = reachable_epochs(options["mech"], options["mech_params"], options["dataset"], batch_size=batch_size,
+    fitted = reachable_epochs(options["mech"], options["mech_params"], int(n), batch_size=batch_size,
                               clip=options["clip"], epochs=epochs, eps=eps, delta=options["delta"])
     return None if fitted is None or fitted == epochs else fitted
 

@@ -103,18 +103,16 @@ def lookup(own: Mapping[RecipeKey, Recipe], dataset: str, model: str | None = No
     return None
 
 
-def reachable_epochs(mech: str, params: Mapping[str, Any], dataset: str, *, batch_size: int, clip: float,
+def reachable_epochs(mech: str, params: Mapping[str, Any], n: int, *, batch_size: int, clip: float,
                      epochs: float, eps: float, delta: float) -> float | None:
     """The longest of ``epochs``, ``epochs / 2``, ``epochs / 4``, ... (at least one step) at which mechanism
-    ``mech`` can be calibrated to ``eps`` on ``dataset`` with this batch size and clip; None if none can.
+    ``mech`` can be calibrated to ``eps`` on ``n`` records with this batch size and clip; None if none can.
 
     Tuned grids double their epoch choices, so the halvings are the horizons a tuned recipe could have chosen.
     """
-    from dpbench.data import DATASETS
     from dpbench.mechanisms import get_mechanism
     from dpbench.privacy import eps_reachable
 
-    n = int(DATASETS.entry(dataset).meta["train_size"])
     mechanism = get_mechanism(mech)(**params)
     mechanism.bind(batch_size=batch_size, clip=clip)
     q = batch_size / n

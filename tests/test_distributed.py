@@ -81,12 +81,17 @@ def cluster():
 WAIT_S = 300
 
 
+def connect(cluster) -> None:  # noqa: ANN001
+    """This process as the driver on ``cluster``, its tasks reading the test's cache offline."""
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"DPBENCH_CACHE": os.environ["DPBENCH_CACHE"],
+                                                                "DPBENCH_OFFLINE": "1"}})
+
+
 @pytest.fixture
 def connected(cluster):
     """This process connected to ``cluster``, and disconnected afterwards even when the test fails midway (a
     driver thread left connected would answer the next test's calls)."""
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"DPBENCH_CACHE": os.environ["DPBENCH_CACHE"],
-                                                                "DPBENCH_OFFLINE": "1"}})
+    connect(cluster)
     yield cluster
     if ray.is_initialized():
         ray.shutdown()
@@ -169,8 +174,7 @@ def test_tune_on_ray_one_trial_at_a_time_gives_the_local_tunes_trials(cluster, t
         local = tune(request("local", "local"))
     finally:
         torch.set_num_threads(threads)
-    ray.init(address=cluster.address, runtime_env={"env_vars": {"DPBENCH_CACHE": os.environ["DPBENCH_CACHE"],
-                                                                "DPBENCH_OFFLINE": "1"}})
+    connect(cluster)  # after the local tune: the fixture would connect before it
     try:
         remote = tune(request("ray", "ray"))
     finally:
