@@ -12,7 +12,7 @@ recipe, then the default one.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Union
 
 from dpbench.errors import BadInput
@@ -127,7 +127,20 @@ def recipe_for(dataset: str, mech: str, model: str | None = None) -> Recipe:
     """The recipe of mechanism ``mech`` (a registered name, plugins included) for ``dataset`` and ``model``."""
     from dpbench.mechanisms import get_mechanism
 
-    recipe = lookup(getattr(get_mechanism(mech), "recipes", {}), dataset, model)
+    mechanism = get_mechanism(mech)
+    recipe = lookup(getattr(mechanism, "recipes", {}), dataset, model)
     if recipe is None:
         raise BadInput(f"no recipe for dataset {dataset!r}; give --model, --batch-size, --epochs, --lr and --clip")
-    return recipe
+    return with_changes(recipe, mech, getattr(mechanism, "recipe_changes", {}))
+
+
+def with_changes(recipe: Recipe, mech: str, changes: Mapping[str, Any]) -> Recipe:
+    """``recipe`` with a mechanism's ``recipe_changes`` applied; its source says which fields changed."""
+    unknown = sorted((set(changes) - set(Recipe.__dataclass_fields__)) | ({"source"} & set(changes)))
+    if unknown:
+        raise TypeError(f"{mech}.recipe_changes names {', '.join(unknown)}: not a recipe field")
+    changed = {k: v for k, v in changes.items() if getattr(recipe, k) != v}
+    if not changed:
+        return recipe
+    said = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in changed.items())
+    return replace(recipe, **changed, source=f"{recipe.source}; {said} for {mech}")

@@ -302,6 +302,9 @@ class Mechanism:
     #: This mechanism's own recipes, keyed by dataset or (dataset, model), each with its source; anything
     #: not here comes from the shared defaults (``dpbench.recipes``), DP-SGD's published rows.
     recipes: ClassVar[Mapping[RecipeKey, Recipe]] = {}
+    #: Recipe fields this mechanism always sets, whichever recipe it falls back to (ModelMix: plain SGD,
+    #: ``{"momentum": 0.0}``), so that a shared default it cannot run becomes one it can.
+    recipe_changes: ClassVar[Mapping[str, Any]] = {}
     #: What the per-sample transform sees: gradient norms only (the default), or whole gradients.
     per_sample: ClassVar[PerSample] = PerSample.NORMS
     #: Attributes that ``setup`` rebuilds and checkpoints need not carry (caches, large derived tables).

@@ -115,6 +115,7 @@ class ModelMix(Mechanism):
     )
     per_sample = PerSample.GRADIENTS  # the l-infinity cap acts on single coordinates
     tune_constraints = {"momentum": lambda m: m == 0.0}  # the analysis does not cover a momentum buffer
+    recipe_changes = {"momentum": 0.0}  # the shared defaults (DP-SGD's rows) use momentum 0.9
     recipes = {
         # Xiao et al. 2022, App. E, small-model rows (C 1, lr 0.4, gamma 0.05): plain SGD (the analysis does not
         # cover a momentum buffer), batch and epochs of the T&B rows. On an MNIST validation split (train on
