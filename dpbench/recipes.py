@@ -136,7 +136,7 @@ def recipe_for(dataset: str, mech: str, model: str | None = None) -> Recipe:
 
 def with_changes(recipe: Recipe, mech: str, changes: Mapping[str, Any]) -> Recipe:
     """``recipe`` with a mechanism's ``recipe_changes`` applied; its source says which fields changed."""
-    unknown = sorted((set(changes) - set(Recipe.__dataclass_fields__)) | ({"source"} & set(changes)))
+    unknown = sorted(set(changes) - (set(Recipe.__dataclass_fields__) - {"source"}))  # the source says what changed
     if unknown:
         raise TypeError(f"{mech}.recipe_changes names {', '.join(unknown)}: not a recipe field")
     changed = {k: v for k, v in changes.items() if getattr(recipe, k) != v}
