@@ -65,6 +65,14 @@ CLAIM_TARGETS := $(addprefix claim-,$(CLAIM_CHECKS))
 $(CLAIM_TARGETS): claim-%: install
 	$(VENV)/bin/dpbench sweep benchmarks/claims/$*.toml --jobs 2
 
+# Sensitivity checks of the table (benchmarks/sensitivity/): one mechanism tuned again at another eps, then
+# its final runs; outside the equal-budget table (resumable).
+sensitivity-fmnist-cnn_tanh-dpsgd-eps1: install
+	$(VENV)/bin/dpbench tune --mech dpsgd $(TUNE_SPACE_fmnist-cnn_tanh) --eps 1 --trials 12 --jobs 2 \
+		--out results/tuning/fmnist-cnn_tanh-eps1-dpsgd.toml
+	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/fmnist-cnn_tanh-dpsgd-eps1.toml --jobs 2
+.PHONY: sensitivity-fmnist-cnn_tanh-dpsgd-eps1
+
 # Plot and report of every pair with rows, then the headline table of all of them (md, LaTeX, CSV).
 benchmark-report: install
 	@for f in results/benchmark/*/runs.csv; do d=$${f%/runs.csv}; \
