@@ -71,6 +71,12 @@ sensitivity-fmnist-cnn_tanh-dpsgd-eps1: install
 	$(VENV)/bin/dpbench tune --mech dpsgd $(TUNE_SPACE_fmnist-cnn_tanh) --eps 1 --trials 12 --jobs 2 \
 		--out results/tuning/fmnist-cnn_tanh-eps1-dpsgd.toml
 	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/fmnist-cnn_tanh-dpsgd-eps1.toml --jobs 2
+	$(VENV)/bin/dpbench report results/sensitivity/fmnist-cnn_tanh-dpsgd-eps1/runs.csv \
+		-o results/sensitivity/fmnist-cnn_tanh-dpsgd-eps1/report.md \
+		--title "dpbench sensitivity check: DP-SGD tuned at eps 1, Fashion-MNIST cnn_tanh"
+	$(PY) benchmarks/paired_to_baseline.py results/benchmark/fmnist-cnn_tanh/runs.csv --eps 1 \
+		--baseline results/sensitivity/fmnist-cnn_tanh-dpsgd-eps1/runs.csv \
+		> results/sensitivity/fmnist-cnn_tanh-dpsgd-eps1/paired.md
 .PHONY: sensitivity-fmnist-cnn_tanh-dpsgd-eps1
 
 # Plot and report of every pair with rows, then the headline table of all of them (md, LaTeX, CSV).
