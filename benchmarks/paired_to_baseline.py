@@ -24,14 +24,16 @@ def paired_table(table_csv: str, baseline_csv: str, eps: float) -> list[str]:
     if base["config_hash"].nunique() != 1:
         raise ValueError(f"--baseline {baseline_csv}: needs exactly one configuration at eps {eps:g}, "
                          f"found {base['config_hash'].nunique()}")
-    lines = ["| mechanism | accuracy (%) | n | Δ baseline (points) | 95 % CI |", "|---|---|---|---|---|"]
-    for mech, rows in sorted(table.groupby("mech")):
+    lines = ["| mechanism | config | accuracy (%) | n | Δ baseline (points) | 95 % CI |",
+             "|---|---|---|---|---|---|"]
+    # one line per configuration: a CSV may hold several of one mechanism (e.g. tuned and built-in recipes)
+    for (mech, config), rows in sorted(table.groupby(["mech", "config_hash"])):
         diffs = seed_differences(rows, base)
-        acc = rows.groupby("seed")["test_acc"].mean() * 100
         if diffs is None:
             continue
+        acc = rows.groupby("seed")["test_acc"].mean() * 100
         low, high = confidence_interval(diffs * 100)
-        lines.append(f"| {mech} | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} | {len(diffs)} | "
+        lines.append(f"| {mech} | {str(config)[:8]} | {acc.mean():.2f} ± {acc.std(ddof=1):.2f} | {len(diffs)} | "
                      f"{diffs.mean() * 100:+.2f} | [{low:+.2f}, {high:+.2f}] |")
     return lines
 

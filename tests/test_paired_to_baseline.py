@@ -43,13 +43,22 @@ def test_differences_are_paired_by_seed_at_the_chosen_eps_only(tmp_path):
     })
     baseline = write_runs(tmp_path / "base.csv", {("dpsgd", 1.0, "d1"): [0.80, 0.82, 0.78]})
     lines = load_script().paired_table(table, baseline, 1.0)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:]}
     assert set(rows) == {"psac", "rs"}
     # psac - dpsgd per seed: +4, +3, +5 points; the interval is the paired one: 4 -+ t(2) * 1 / sqrt(3)
     assert rows["psac"][:3] == ["84.00 ± 1.00", "3", "+4.00"]
     assert rows["psac"][3] == "[+1.52, +6.48]"
     assert rows["rs"][1:3] == ["2", "-0.50"]  # 0 and -1 point over the two seeds both have
     assert rows["rs"][3] == "[-6.85, +5.85]"
+
+
+def test_each_configuration_of_a_mechanism_gets_its_own_line(tmp_path):
+    table = write_runs(tmp_path / "table.csv", {("dpsgd", 1.0, "tuned"): [0.84, 0.86],
+                                                ("dpsgd", 1.0, "builtin"): [0.70, 0.72]})
+    baseline = write_runs(tmp_path / "base.csv", {("dpsgd", 1.0, "d1"): [0.80, 0.82]})
+    lines = load_script().paired_table(table, baseline, 1.0)[2:]
+    assert [line.split("|")[2].strip() for line in lines] == ["builtin", "tuned"]
+    assert [line.split("|")[5].strip() for line in lines] == ["-10.00", "+4.00"]  # never their mean, -3
 
 
 def test_a_baseline_with_several_configurations_is_refused_with_exit_2(tmp_path):
