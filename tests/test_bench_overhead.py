@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from dpbench.config import resolve
 from dpbench.data import load_dataset
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bench_overhead.py"
-
+from tests.scripts import load_benchmark_script
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("bench_overhead")
 
 
 def test_dpis_is_charged_per_record_trained_on_not_per_candidate(bench):

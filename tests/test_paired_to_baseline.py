@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,13 @@ import pandas as pd
 import pytest
 
 from dpbench.results import ALL_COLUMNS
+from tests.scripts import BENCHMARKS, load_benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_to_baseline.py"
+SCRIPT = BENCHMARKS / "paired_to_baseline.py"
 
 
 def load_script():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("paired_to_baseline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("paired_to_baseline")
 
 
 def write_runs(path: Path, accuracies: dict[tuple[str, float, str], list[float]]) -> str:

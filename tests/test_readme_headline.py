@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 
 from dpbench.results import ALL_COLUMNS
+from tests.scripts import BENCHMARKS, load_benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "readme_headline.py"
+SCRIPT = BENCHMARKS / "readme_headline.py"
 
 
 def load_script():  # noqa: ANN201
-    spec = importlib.util.spec_from_file_location("readme_headline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("readme_headline")
 
 
 def runs(dataset: str, model: str, eps: tuple[float, ...]) -> pd.DataFrame:
