@@ -64,6 +64,8 @@ CLAIM_TARGETS := $(addprefix claim-,$(CLAIM_CHECKS))
 
 $(CLAIM_TARGETS): claim-%: install
 	$(VENV)/bin/dpbench sweep benchmarks/claims/$*.toml --jobs 2
+	$(VENV)/bin/dpbench report results/claims/$*/runs.csv -o results/claims/$*/report.md \
+		--title "dpbench claim check: $*, the paper's own settings"
 
 # Sensitivity checks of the table (benchmarks/sensitivity/): one mechanism tuned again at another eps, then
 # its final runs; outside the equal-budget table (resumable).
