@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dpbench.cli import app
 from dpbench.plots import plot_results
 from dpbench.report import (build_csv, build_latex, build_report, cell_table, confidence_interval, group_means,
-                            headline_frame, headline_table, paired_difference)
+                            headline_frame, headline_legend, headline_table, paired_difference)
 from dpbench.style import mech_colour, mech_marker
 from dpbench.results import ALL_COLUMNS
 from dpbench.tables import load_published
@@ -194,6 +194,17 @@ def test_the_headline_marks_the_best_private_mean_of_each_column_in_every_format
     assert len(table) == len(group_means(df)) and table["best"].sum() == 3
     np.testing.assert_allclose(table.sort_values(["mech", "eps_target"])["mean"],
                                group_means(df).sort_values(["mech", "eps_target"])["mean"])
+
+
+def test_the_headline_legend_gives_each_mechanisms_horizons_once_and_readably():
+    cells = pd.DataFrame({"mech": ["dpsgd", "dpsgd", "ged", "ged", "modelmix"],
+                          "epochs": [40.0, 40.0, 20.0, 40.0, 800 * 8192 / 60000]})
+    legend = headline_legend(cells)
+    assert "Epochs per mechanism: dpsgd 40, ged 20/40, modelmix 109.2." in legend
+    # two step-counted runs whose epochs differ only past the fourth digit are one horizon
+    cells.loc[4, "epochs"] += 1e-9
+    cells.loc[5] = ["modelmix", 800 * 8192 / 60000]
+    assert "modelmix 109.2." in headline_legend(cells)
 
 
 def test_report_reads_several_csvs_and_refuses_an_unknown_format(tmp_path):
