@@ -81,6 +81,17 @@ sensitivity-fmnist-cnn_tanh-dpsgd-eps1: install
 		> results/sensitivity/fmnist-cnn_tanh-dpsgd-eps1/paired.md
 .PHONY: sensitivity-fmnist-cnn_tanh-dpsgd-eps1
 
+# ModelMix's ScatterNet claim check again at lr 4 (no momentum): the long-run step of the paper's lr 0.4 with
+# momentum 0.9; its rows pair with the claim check's DP-SGD rows in one report.
+sensitivity-modelmix-fmnist-scatter_cnn-lr4: install
+	$(VENV)/bin/dpbench sweep benchmarks/claims/modelmix-fmnist-scatter_cnn.toml --jobs 2
+	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/modelmix-fmnist-scatter_cnn-lr4.toml --jobs 2
+	$(VENV)/bin/dpbench report results/claims/modelmix-fmnist-scatter_cnn/runs.csv \
+		results/sensitivity/modelmix-fmnist-scatter_cnn-lr4/runs.csv \
+		-o results/sensitivity/modelmix-fmnist-scatter_cnn-lr4/report.md \
+		--title "dpbench sensitivity check: ModelMix's ScatterNet claim on Fashion-MNIST at lr 4, no momentum"
+.PHONY: sensitivity-modelmix-fmnist-scatter_cnn-lr4
+
 # Plot and report of every pair with rows, then the headline table of all of them (md, LaTeX, CSV).
 benchmark-report: install
 	@for f in results/benchmark/*/runs.csv; do d=$${f%/runs.csv}; \
