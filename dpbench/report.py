@@ -226,7 +226,7 @@ def headline_markdown(cells: pd.DataFrame) -> list[str]:
 def headline_legend(cells: pd.DataFrame) -> str:
     # a step-counted run has fractional epochs (800 steps of 8192 of 60,000 = 109.2266...): four digits
     horizons = cells.groupby("mech")["epochs"].agg(
-        lambda e: "/".join(f"{x:g}" for x in sorted({float(f"{x:.4g}") for x in e.dropna()})))
+        lambda e: "/".join(f"{x:g}" for x in sorted({float(f"{epochs:.4g}") for epochs in e.dropna()})))
     return ("Test accuracy in %, mean ± sample std over seeds (3 unless (n=k) says otherwise); bold: the best "
             "private mean of its column; † several configurations ran for this cell, the one with the most seeds "
             "(then the best mean) is shown. Epochs per mechanism: "
