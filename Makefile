@@ -83,8 +83,7 @@ sensitivity-fmnist-cnn_tanh-dpsgd-eps1: install
 
 # ModelMix's ScatterNet claim check again at lr 4 (no momentum): the long-run step of the paper's lr 0.4 with
 # momentum 0.9; its rows pair with the claim check's DP-SGD rows in one report.
-sensitivity-modelmix-fmnist-scatter_cnn-lr4: install
-	$(VENV)/bin/dpbench sweep benchmarks/claims/modelmix-fmnist-scatter_cnn.toml --jobs 2
+sensitivity-modelmix-fmnist-scatter_cnn-lr4: claim-modelmix-fmnist-scatter_cnn
 	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/modelmix-fmnist-scatter_cnn-lr4.toml --jobs 2
 	$(VENV)/bin/dpbench report results/claims/modelmix-fmnist-scatter_cnn/runs.csv \
 		results/sensitivity/modelmix-fmnist-scatter_cnn-lr4/runs.csv \

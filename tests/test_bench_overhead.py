@@ -11,6 +11,7 @@ from dpbench.config import resolve
 from dpbench.data import load_dataset
 from tests.scripts import load_benchmark_script
 
+
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark_script("bench_overhead")
