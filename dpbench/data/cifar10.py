@@ -30,7 +30,7 @@ from torchvision.transforms import v2 as T
 
 from dpbench.data import DATASETS
 from dpbench.data.base import DatasetBundle, TrainTransform, offline_roots, validation_split, validation_variant
-from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
+from dpbench.storage import built_once, cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
 from dpbench.errors import BadInput
 
 OFFLINE_FILE = Path("cifar10") / "cifar10_jpeg_q75.npz"
@@ -89,18 +89,19 @@ def decoded_offline(source: Path) -> dict[str, torch.Tensor]:
     """The offline npz decoded to uint8 tensors, from the cache when this file was decoded before."""
     with reading_data_file(source, source_remedy(source)):
         cached = cache_dir() / "cifar10" / f"jpeg-{file_hash(source)}.pt"
-    if cached.is_file():
-        with reading_data_file(cached, cache_remedy(cached)):
-            return _checked(torch.load(cached))
-    with reading_data_file(source, source_remedy(source)), np.load(source, allow_pickle=False) as npz:
-        tensors = _checked({
-            "train_x": _decode(npz["train_jpeg"], npz["train_offsets"]),
-            "train_y": torch.from_numpy(npz["train_labels"].astype(np.int64)),
-            "test_x": _decode(npz["test_jpeg"], npz["test_offsets"]),
-            "test_y": torch.from_numpy(npz["test_labels"].astype(np.int64)),
-        })
-    save_torch_atomic(cached, tensors)  # a concurrent reader sees no file or the whole file
-    return tensors
+    with built_once(cached, "decoding the CIFAR-10 JPEGs"):
+        if cached.is_file():
+            with reading_data_file(cached, cache_remedy(cached)):
+                return _checked(torch.load(cached))
+        with reading_data_file(source, source_remedy(source)), np.load(source, allow_pickle=False) as npz:
+            tensors = _checked({
+                "train_x": _decode(npz["train_jpeg"], npz["train_offsets"]),
+                "train_y": torch.from_numpy(npz["train_labels"].astype(np.int64)),
+                "test_x": _decode(npz["test_jpeg"], npz["test_offsets"]),
+                "test_y": torch.from_numpy(npz["test_labels"].astype(np.int64)),
+            })
+        save_torch_atomic(cached, tensors)  # a concurrent reader sees no file or the whole file
+        return tensors
 
 
 def _downloaded() -> dict[str, torch.Tensor]:

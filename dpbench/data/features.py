@@ -10,7 +10,8 @@ C x H x W becomes 81*C channels of (H/4) x (W/4), e.g. 243 x 8 x 8 for CIFAR-10 
 MNIST. Computing it for all 60k CIFAR-10 images takes several minutes on a CPU, so the features are
 computed once and cached as float16 under ``cache_dir()/scatter/`` (1.9 GB for CIFAR-10, 0.6 GB
 for MNIST), keyed by a hash of the input tensors and the scattering settings; the models cast them
-back to float32. They are computed on the run's device (seconds on a GPU).
+back to float32. They are computed on the run's device (seconds on a GPU). Jobs that start together
+on a cold cache compute them once: the others wait for the first (:func:`dpbench.storage.built_once`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from dpbench.data.base import DatasetBundle
-from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic
+from dpbench.storage import built_once, cache_dir, cache_remedy, reading_data_file, save_torch_atomic
 from dpbench.errors import BadInput
 
 SCATTER_J, SCATTER_L = 2, 8
@@ -91,18 +92,19 @@ def scatter_features(bundle: DatasetBundle, device: torch.device | str = "cpu") 
     train_x, test_x = scatter_input(bundle, bundle.train_x), scatter_input(bundle, bundle.test_x)
     key = _tensor_hash(train_x, test_x)
     cached = cache_dir() / "scatter" / f"{bundle.name}-{key}.pt"
-    if cached.is_file():
-        with reading_data_file(cached, cache_remedy(cached)):
-            feats = torch.load(cached)
-            if len(feats["train_x"]) != len(train_x) or len(feats["test_x"]) != len(test_x):
-                raise ValueError("feature rows differ from the dataset's")
-    else:
-        from rich.console import Console
+    with built_once(cached, f"computing the ScatterNet features of {bundle.name}"):
+        if cached.is_file():
+            with reading_data_file(cached, cache_remedy(cached)):
+                feats = torch.load(cached)
+                if len(feats["train_x"]) != len(train_x) or len(feats["test_x"]) != len(test_x):
+                    raise ValueError("feature rows differ from the dataset's")
+        else:
+            from rich.console import Console
 
-        Console(stderr=True).print(f"computing ScatterNet features of {bundle.name} once (cached in {cached.parent})",
-                                   highlight=False, soft_wrap=True)
-        feats = {"train_x": extract_scatter(train_x, device), "test_x": extract_scatter(test_x, device)}
-        save_torch_atomic(cached, feats)
+            Console(stderr=True).print(f"computing ScatterNet features of {bundle.name} once (cached in "
+                                       f"{cached.parent})", highlight=False, soft_wrap=True)
+            feats = {"train_x": extract_scatter(train_x, device), "test_x": extract_scatter(test_x, device)}
+            save_torch_atomic(cached, feats)
     return replace(bundle, train_x=feats["train_x"], test_x=feats["test_x"])
 
 

@@ -33,7 +33,7 @@ import torch
 
 from dpbench.data import DATASETS
 from dpbench.data.base import DatasetBundle, offline_roots, validation_split, validation_variant
-from dpbench.storage import cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
+from dpbench.storage import built_once, cache_dir, cache_remedy, reading_data_file, save_torch_atomic, source_remedy
 from dpbench.errors import BadInput
 
 MAX_WORDS = 10_000
@@ -139,27 +139,28 @@ def _encoded(data_dir: str | None) -> dict[str, torch.Tensor]:
         with reading_data_file(f, source_remedy(f)):
             h.update(f.read_bytes())
     cached = cache_dir() / "imdb" / f"encoded-{h.hexdigest()[:16]}.pt"
-    if cached.is_file():
-        with reading_data_file(cached, cache_remedy(cached)):
-            tensors = torch.load(cached)
-            if tuple(tensors["train_x"].shape[:1]) != tuple(tensors["train_y"].shape):
-                raise ValueError("train inputs and labels differ in length")
-            return tensors
-    if offline:
-        splits = {}
-        for split, f in zip(("train", "test"), files):
-            with reading_data_file(f, source_remedy(f)):
-                splits[split] = _read_jsonl(f)
-    else:
-        with reading_data_file(files[0], source_remedy(files[0])):
-            splits = _read_archive(files[0])
-    vocab = build_vocabulary(text for _, _, text in splits["train"])
-    tensors = {}
-    for split, records in splits.items():
-        tensors[f"{split}_x"] = encode((text for _, _, text in records), vocab, length)
-        tensors[f"{split}_y"] = torch.tensor([label for label, _, _ in records], dtype=torch.long)
-    save_torch_atomic(cached, tensors)  # a concurrent reader sees no file or the whole file
-    return tensors
+    with built_once(cached, "encoding the IMDb reviews"):
+        if cached.is_file():
+            with reading_data_file(cached, cache_remedy(cached)):
+                tensors = torch.load(cached)
+                if tuple(tensors["train_x"].shape[:1]) != tuple(tensors["train_y"].shape):
+                    raise ValueError("train inputs and labels differ in length")
+                return tensors
+        if offline:
+            splits = {}
+            for split, f in zip(("train", "test"), files):
+                with reading_data_file(f, source_remedy(f)):
+                    splits[split] = _read_jsonl(f)
+        else:
+            with reading_data_file(files[0], source_remedy(files[0])):
+                splits = _read_archive(files[0])
+        vocab = build_vocabulary(text for _, _, text in splits["train"])
+        tensors = {}
+        for split, records in splits.items():
+            tensors[f"{split}_x"] = encode((text for _, _, text in records), vocab, length)
+            tensors[f"{split}_y"] = torch.tensor([label for label, _, _ in records], dtype=torch.long)
+        save_torch_atomic(cached, tensors)  # a concurrent reader sees no file or the whole file
+        return tensors
 
 
 @DATASETS.register("imdb", train_size=TRAIN_SIZE, num_classes=CLASSES, input_shape=(DEFAULT_SEQ_LEN,),

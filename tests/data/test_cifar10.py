@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,6 +80,32 @@ def test_offline_copy_is_decoded_once_then_read_from_the_cache(cifar_root, monke
     second = load_dataset("cifar10", str(root))
     assert len(calls) == 2
     torch.testing.assert_close(first.train_x, second.train_x)
+
+
+def test_jobs_starting_together_decode_the_offline_copy_once(cifar_root, monkeypatch):
+    root, _, _ = cifar_root
+    calls = []
+    real = cifar10._decode
+
+    def slow(*a):
+        calls.append(1)
+        time.sleep(0.2)  # the second job arrives while the first is decoding
+        return real(*a)
+
+    monkeypatch.setattr(cifar10, "_decode", slow)
+    ready, results = threading.Barrier(2), []
+
+    def job():
+        ready.wait()
+        results.append(load_dataset("cifar10", str(root)))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 2  # train and test, decoded by one job only
+    assert len(results) == 2 and torch.equal(results[0].train_x, results[1].train_x)
 
 
 def test_data_dir_comes_from_the_environment_too(cifar_root, monkeypatch):

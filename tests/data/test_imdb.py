@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -96,6 +98,31 @@ def test_encoding_is_cached_and_deterministic(imdb_root, monkeypatch):
     monkeypatch.setattr(imdb, "build_vocabulary", lambda *a: calls.append(1))
     second = load_dataset("imdb", str(imdb_root))
     assert calls == [] and torch.equal(first.train_x, second.train_x)
+
+
+def test_jobs_starting_together_encode_the_reviews_once(imdb_root, monkeypatch):
+    calls = []
+    real = imdb.build_vocabulary
+
+    def slow(texts):
+        calls.append(1)
+        time.sleep(0.2)  # the second job arrives while the first is encoding
+        return real(texts)
+
+    monkeypatch.setattr(imdb, "build_vocabulary", slow)
+    ready, results = threading.Barrier(2), []
+
+    def job():
+        ready.wait()
+        results.append(load_dataset("imdb", str(imdb_root)))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1]
+    assert len(results) == 2 and torch.equal(results[0].train_x, results[1].train_x)
 
 
 def test_missing_copy_is_bad_input_naming_the_paths_tried(tmp_path):

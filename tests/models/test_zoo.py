@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import threading
+import time
 
 import pytest
 import torch
@@ -143,6 +145,33 @@ def test_scatter_features_are_computed_once_then_read_from_the_cache(monkeypatch
     other = dataclasses.replace(bundle, train_x=bundle.train_x + 1)
     inputs.prepare_for_model(other, "scatter_linear")
     assert calls == [4, 2, 4, 2]  # other images, other key
+
+
+def test_jobs_starting_together_compute_the_scatter_features_once(monkeypatch):
+    """Sweep and tune jobs start side by side on a cold cache: one computes, the other waits and reads."""
+    calls = []
+    real = features.extract_scatter
+
+    def slow(x, device="cpu"):
+        calls.append(len(x))
+        time.sleep(0.3)  # long enough that the second job arrives while the first is computing
+        return real(x, device)
+
+    monkeypatch.setattr(features, "extract_scatter", slow)
+    bundle = _tiny_bundle()
+    ready, results = threading.Barrier(2), []
+
+    def job():
+        ready.wait()
+        results.append(inputs.prepare_for_model(bundle, "scatter_linear"))
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [4, 2]  # train and test once, not once per job
+    assert len(results) == 2 and torch.equal(results[0].train_x, results[1].train_x)
 
 
 def test_only_feature_models_get_features():

@@ -1,0 +1,45 @@
+"""The storage layer's build-once lock for cache files (atomic writes and damaged files are tested where used)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from dpbench.storage import built_once
+
+
+def _hold(path, events: list[str], name: str, ready: threading.Barrier, seconds: float = 0.3) -> None:
+    ready.wait()
+    with built_once(path, f"building {name}"):
+        events.append(f"{name} in")
+        time.sleep(seconds)
+        events.append(f"{name} out")
+
+
+def _run_together(*targets) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_a_second_builder_of_one_cache_file_waits_for_the_first_and_says_so(tmp_path, capsys):
+    events: list[str] = []
+    ready = threading.Barrier(2)
+    path = tmp_path / "cache" / "features.pt"
+    _run_together(lambda: _hold(path, events, "a", ready), lambda: _hold(path, events, "b", ready))
+    first, second = events[0].split()[0], events[2].split()[0]
+    assert events == [f"{first} in", f"{first} out", f"{second} in", f"{second} out"]  # never interleaved
+    err = capsys.readouterr().err
+    assert f"waiting for another process to finish building {second} ({path})" in err
+    assert f"finish building {first}" not in err  # the first found the lock free and did not wait
+
+
+def test_builders_of_different_cache_files_do_not_wait_for_each_other(tmp_path, capsys):
+    events: list[str] = []
+    ready = threading.Barrier(2)
+    _run_together(lambda: _hold(tmp_path / "one.pt", events, "a", ready),
+                  lambda: _hold(tmp_path / "two.pt", events, "b", ready))
+    assert sorted(events[:2]) == ["a in", "b in"]  # both inside before either left
+    assert "waiting" not in capsys.readouterr().err
