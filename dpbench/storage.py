@@ -47,10 +47,14 @@ def built_once(path: str | Path, what: str) -> Iterator[None]:
 
     Jobs that start together on a machine with a cold cache would each build the same file (minutes of
     every core for CIFAR-10's ScatterNet features); under this lock the first builds it and the others
-    wait, then find it. The lock file stays: removing it while a waiter holds its inode would let a
-    third process lock a new file and build alongside. The kernel releases a killed holder's lock.
+    wait, then find it. A file already there takes no lock, so readers never queue behind each other.
+    The lock file stays: removing it while a waiter holds its inode would let a third process lock a
+    new file and build alongside. The kernel releases a killed holder's lock.
     """
     path = Path(path)
+    if path.is_file():
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as fh:
         try:

@@ -43,3 +43,13 @@ def test_builders_of_different_cache_files_do_not_wait_for_each_other(tmp_path, 
                   lambda: _hold(tmp_path / "two.pt", events, "b", ready))
     assert sorted(events[:2]) == ["a in", "b in"]  # both inside before either left
     assert "waiting" not in capsys.readouterr().err
+
+
+def test_a_cache_file_that_exists_is_read_without_waiting(tmp_path, capsys):
+    events: list[str] = []
+    ready = threading.Barrier(2)
+    path = tmp_path / "features.pt"
+    path.write_bytes(b"built before")
+    _run_together(lambda: _hold(path, events, "a", ready), lambda: _hold(path, events, "b", ready))
+    assert sorted(events[:2]) == ["a in", "b in"]  # readers of a built file never queue
+    assert "waiting" not in capsys.readouterr().err
