@@ -10,10 +10,13 @@ import hashlib
 import json
 import math
 import shlex
+import sys
 import tomllib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dpbench.errors import BadInput
 from dpbench.recipes import recipe_for
@@ -219,11 +222,9 @@ def resolve(options: dict[str, Any], config_file: str | None = None) -> RunConfi
             cut = (f"{merged['recipe_source']} (epochs {tuned_epochs:g} -> {fitted:g}: eps {eps:g} unreachable at "
                    f"{tuned_epochs:g})")
             if "epochs" not in given:
-                import sys
-
-                print(f"note: {mech} on {merged['dataset']}: eps {eps:g} is unreachable at the tuned horizon "
-                      f"({tuned_epochs:g} epochs of batch {merged['batch_size']}); using {fitted:g} epochs, the "
-                      f"longest halving that reaches it (every other tuned value kept)", file=sys.stderr)
+                note(f"{mech} on {merged['dataset']}: eps {eps:g} is unreachable at the tuned horizon "
+                     f"({tuned_epochs:g} epochs of batch {merged['batch_size']}); using {fitted:g} epochs, the "
+                     f"longest halving that reaches it (every other tuned value kept)")
                 merged["epochs"], merged["recipe_source"] = fitted, cut
             elif given["epochs"] == fitted:  # the rule's horizon given back, as by the command a row records
                 merged["recipe_source"] = cut
@@ -256,15 +257,37 @@ def fit_tuned_horizon(options: dict[str, Any]) -> float | None:
 
 def tuned_recipe(path: str, mech: str, dataset: str, model: str | None, eps: float) -> "TunedRecipe":
     """The tuned recipe of ``path`` for this run (the dataset's base: ``mnist_val`` reads ``mnist``'s)."""
-    import sys
-
     from dpbench.recipes import base_dataset
     from dpbench.tuning.recipes_file import choose, read_recipes
 
-    chosen, note = choose(read_recipes(path), path, mech=mech, dataset=base_dataset(dataset), model=model, eps=eps)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
+    chosen, said = choose(read_recipes(path), path, mech=mech, dataset=base_dataset(dataset), model=model, eps=eps)
+    if said:
+        note(said)
     return chosen
+
+
+_NOTES_SAID: ContextVar[set[str] | None] = ContextVar("dpbench_notes_said", default=None)
+
+
+def note(text: str) -> None:
+    """``note: <text>`` on stderr; inside :func:`notes_said_once`, a note already said there is not repeated."""
+    said = _NOTES_SAID.get()
+    if said is not None:
+        if text in said:
+            return
+        said.add(text)
+    print(f"note: {text}", file=sys.stderr)
+
+
+@contextmanager
+def notes_said_once() -> Iterator[None]:
+    """Say each distinct note once in the block: a sweep resolves every configuration once per seed, and the
+    same note for each seed of it would bury the rest of its output."""
+    token = _NOTES_SAID.set(set())
+    try:
+        yield
+    finally:
+        _NOTES_SAID.reset(token)
 
 
 def check_one_horizon(options: dict[str, Any], where: str = "") -> None:

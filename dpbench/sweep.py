@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dpbench.config import RunConfig, load_toml, options_from_table, resolve
+from dpbench.config import RunConfig, load_toml, notes_said_once, options_from_table, resolve
 from dpbench.data import dataset_variant
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
@@ -99,23 +99,24 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     fixed = options_from_table(spec.fixed)
     configs: list[RunConfig] = []
     seen: set[tuple[str, int]] = set()
-    for mech, dataset, model, eps, seed in itertools.product(*axes.values()):
-        opts = {**fixed, **options_from_table(spec.recipe.get(mech, {}))}
-        params = {**fixed.get("mech_params", {}), **opts.get("mech_params", {})}
-        opts.update(mech=mech, dataset=dataset, eps=float(eps), seed=int(seed), mech_params=params,
-                    recipes=spec.recipes)
-        if model is not None:
-            opts["model"] = model
-        cfg = resolve(opts)
-        try:
-            check_accountant(MECHANISMS.get(cfg.mech)(**cfg.mech_params), cfg.accountant)
-        except BadInput as exc:
-            raise BadInput(f"{exc}; in a sweep spec, accountant = \"rdp\" under [recipe.{mech}] keeps the others") \
-                from None
-        key = (cfg.hash(dataset_variant(cfg.dataset, cfg.data_dir)), cfg.seed)
-        if key not in seen:
-            seen.add(key)
-            configs.append(cfg)
+    with notes_said_once():  # one note per configuration, not one per seed of it
+        for mech, dataset, model, eps, seed in itertools.product(*axes.values()):
+            opts = {**fixed, **options_from_table(spec.recipe.get(mech, {}))}
+            params = {**fixed.get("mech_params", {}), **opts.get("mech_params", {})}
+            opts.update(mech=mech, dataset=dataset, eps=float(eps), seed=int(seed), mech_params=params,
+                        recipes=spec.recipes)
+            if model is not None:
+                opts["model"] = model
+            cfg = resolve(opts)
+            try:
+                check_accountant(MECHANISMS.get(cfg.mech)(**cfg.mech_params), cfg.accountant)
+            except BadInput as exc:
+                raise BadInput(f"{exc}; in a sweep spec, accountant = \"rdp\" under [recipe.{mech}] keeps the others") \
+                    from None
+            key = (cfg.hash(dataset_variant(cfg.dataset, cfg.data_dir)), cfg.seed)
+            if key not in seen:
+                seen.add(key)
+                configs.append(cfg)
     return configs
 
 

@@ -150,3 +150,19 @@ def test_every_committed_sweep_spec_expands(monkeypatch):
         assert configs, path
         assert all(str(c.out).startswith("results/") for c in configs), path
 
+
+def test_a_note_shared_by_every_seed_of_a_configuration_is_said_once(capsys):
+    from dpbench.tuning.recipes_file import TunedRecipe, write_recipes
+
+    tuned = TunedRecipe(mech="dpsgd", dataset="synthetic", eps=2.0, model="linear", batch_size=64, epochs=2.0, lr=0.1,
+                        optimizer="sgd", momentum=0.0, clip=1.0, source="t/study.db#1", val_acc=0.9, trials=12,
+                        pruned=0, cpu_s=1.0, mech_params={})
+    write_recipes("r.toml", [tuned], "test")
+    spec = SweepSpec(grid={"mech": ["dpsgd"], "dataset": ["synthetic"], "model": ["linear"], "eps": [1, 2, 4],
+                           "seed": [0, 1, 2]}, recipes="r.toml")
+    configs = expand(spec)
+    assert len(configs) == 9 and {c.lr for c in configs} == {0.1}
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2 and "no recipe tuned at eps 1" in notes[0] and "no recipe tuned at eps 4" in notes[1]
+    expand(spec)  # a second expansion (a second sweep) says them again
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]) == 2
