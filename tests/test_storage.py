@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from dpbench.storage import built_once
+from tests.concurrency import together
 
 
-def _hold(path, events: list[str], name: str, ready: threading.Barrier, seconds: float = 0.3) -> None:
-    ready.wait()
+def _hold(path, events: list[str], name: str, seconds: float = 0.3) -> None:
     with built_once(path, f"building {name}"):
         events.append(f"{name} in")
         time.sleep(seconds)
         events.append(f"{name} out")
 
 
-def _run_together(*targets) -> None:
-    threads = [threading.Thread(target=t) for t in targets]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def test_a_second_builder_of_one_cache_file_waits_for_the_first_and_says_so(tmp_path, capsys):
     events: list[str] = []
-    ready = threading.Barrier(2)
     path = tmp_path / "cache" / "features.pt"
-    _run_together(lambda: _hold(path, events, "a", ready), lambda: _hold(path, events, "b", ready))
+    together(lambda: _hold(path, events, "a"), lambda: _hold(path, events, "b"))
     first, second = events[0].split()[0], events[2].split()[0]
     assert events == [f"{first} in", f"{first} out", f"{second} in", f"{second} out"]  # never interleaved
     err = capsys.readouterr().err
@@ -38,18 +28,16 @@ def test_a_second_builder_of_one_cache_file_waits_for_the_first_and_says_so(tmp_
 
 def test_builders_of_different_cache_files_do_not_wait_for_each_other(tmp_path, capsys):
     events: list[str] = []
-    ready = threading.Barrier(2)
-    _run_together(lambda: _hold(tmp_path / "one.pt", events, "a", ready),
-                  lambda: _hold(tmp_path / "two.pt", events, "b", ready))
+    together(lambda: _hold(tmp_path / "one.pt", events, "a"),
+             lambda: _hold(tmp_path / "two.pt", events, "b"))
     assert sorted(events[:2]) == ["a in", "b in"]  # both inside before either left
     assert "waiting" not in capsys.readouterr().err
 
 
 def test_a_cache_file_that_exists_is_read_without_waiting(tmp_path, capsys):
     events: list[str] = []
-    ready = threading.Barrier(2)
     path = tmp_path / "features.pt"
     path.write_bytes(b"built before")
-    _run_together(lambda: _hold(path, events, "a", ready), lambda: _hold(path, events, "b", ready))
+    together(lambda: _hold(path, events, "a"), lambda: _hold(path, events, "b"))
     assert sorted(events[:2]) == ["a in", "b in"]  # readers of a built file never queue
     assert "waiting" not in capsys.readouterr().err

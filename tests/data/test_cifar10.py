@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import threading
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ from dpbench.engine import train
 from dpbench.step import average_augmentations
 from dpbench.errors import BadInput
 from dpbench.mechanisms import get_mechanism
+from tests.concurrency import together
 
 N_TRAIN, N_TEST = 20, 10
 
@@ -93,17 +93,8 @@ def test_jobs_starting_together_decode_the_offline_copy_once(cifar_root, monkeyp
         return real(*a)
 
     monkeypatch.setattr(cifar10, "_decode", slow)
-    ready, results = threading.Barrier(2), []
-
-    def job():
-        ready.wait()
-        results.append(load_dataset("cifar10", str(root)))
-
-    threads = [threading.Thread(target=job) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    job = lambda: load_dataset("cifar10", str(root))  # noqa: E731
+    results = together(job, job)
     assert len(calls) == 2  # train and test, decoded by one job only
     assert len(results) == 2 and torch.equal(results[0].train_x, results[1].train_x)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import threading
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from dpbench.cli import app
 from dpbench.data import dataset_variant, load_dataset
 from dpbench.data import imdb
 from dpbench.errors import BadInput
+from tests.concurrency import together
 
 TRAIN = [
     (1, 0, 7, "A great film.<br /><br />Great acting, great story; don't miss it"),
@@ -110,17 +110,8 @@ def test_jobs_starting_together_encode_the_reviews_once(imdb_root, monkeypatch):
         return real(texts)
 
     monkeypatch.setattr(imdb, "build_vocabulary", slow)
-    ready, results = threading.Barrier(2), []
-
-    def job():
-        ready.wait()
-        results.append(load_dataset("imdb", str(imdb_root)))
-
-    threads = [threading.Thread(target=job) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    job = lambda: load_dataset("imdb", str(imdb_root))  # noqa: E731
+    results = together(job, job)
     assert calls == [1]
     assert len(results) == 2 and torch.equal(results[0].train_x, results[1].train_x)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import threading
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from dpbench.data.imdb import PAD, VOCAB_SIZE
 from dpbench.engine import DEFAULT_PHYSICAL_BATCH, physical_batch_size
 from dpbench.errors import BadInput
 from dpbench.models import MODELS, build_model, inputs
+from tests.concurrency import together
 
 SHORT_TEXT = 12  # the text models do not depend on the sequence length; short keeps the LSTM quick
 
@@ -159,17 +159,8 @@ def test_jobs_starting_together_compute_the_scatter_features_once(monkeypatch):
 
     monkeypatch.setattr(features, "extract_scatter", slow)
     bundle = _tiny_bundle()
-    ready, results = threading.Barrier(2), []
-
-    def job():
-        ready.wait()
-        results.append(inputs.prepare_for_model(bundle, "scatter_linear"))
-
-    threads = [threading.Thread(target=job) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    job = lambda: inputs.prepare_for_model(bundle, "scatter_linear")  # noqa: E731
+    results = together(job, job)
     assert calls == [4, 2]  # train and test once, not once per job
     assert len(results) == 2 and torch.equal(results[0].train_x, results[1].train_x)
 
