@@ -3,7 +3,8 @@
 A rich bar prints nothing when stderr is not a terminal (CI logs, ``nohup``, sweep workers, cluster
 jobs), so there a background thread prints ``step S/T  loss L  N samples/s  ETA ...`` lines instead:
 the first within ``FIRST_LINE_S`` seconds of the first step, then one every ``EVERY_S`` seconds, and a
-last one when training ends. Sweeps read these lines from their workers (``PLAIN_PREFIX``).
+last one when training ends. Sweeps read these lines from their workers (``PLAIN_PREFIX``), and a few
+others (``PASSED_ON_PREFIXES``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ EVERY_S = 30.0
 BAR_LOSS_EVERY_S = 1.0
 #: Every plain progress line starts with this.
 PLAIN_PREFIX = "step "
+#: What a run says on stderr besides its progress that a sweep passes on under the run's label: its warnings,
+#: and the cache files it computes or waits for before its first step (minutes on a cold cache). Not its
+#: notes: they come from resolving its configuration, which the sweep has done and said once.
+PASSED_ON_PREFIXES = ("warning: ", "computing ", "waiting for another process ")
 
 
 def format_duration(seconds: float) -> str:

@@ -33,7 +33,7 @@ from dpbench.data import dataset_variant
 from dpbench.errors import BadInput
 from dpbench.mechanisms import MECHANISMS
 from dpbench.privacy import check_accountant
-from dpbench.progress import PLAIN_PREFIX, format_duration
+from dpbench.progress import PASSED_ON_PREFIXES, PLAIN_PREFIX, format_duration
 
 GRID_KEYS = ("mech", "dataset", "model", "eps", "seed")
 
@@ -256,7 +256,8 @@ def grid_progress(console: Console) -> Progress:
 
 
 def _run_showing_progress(cmd: list[str], env: dict[str, str], on_progress: Callable[[str], None]) -> tuple[int, str, str]:
-    """Run ``cmd``; each progress line it prints on stderr goes to ``on_progress`` as it comes.
+    """Run ``cmd``; each progress line it prints on stderr, and each line it says that a sweep passes on
+    (``PASSED_ON_PREFIXES``), goes to ``on_progress`` as it comes.
 
     Returns (exit code, stdout, stderr); stdout is drained by a thread so that neither pipe can fill up.
     """
@@ -268,7 +269,7 @@ def _run_showing_progress(cmd: list[str], env: dict[str, str], on_progress: Call
     stderr: list[str] = []
     for line in proc.stderr:
         stderr.append(line)
-        if line.startswith(PLAIN_PREFIX):
+        if line.startswith((PLAIN_PREFIX, *PASSED_ON_PREFIXES)):
             on_progress(line.strip())
     returncode = proc.wait()
     reader.join()
@@ -276,8 +277,11 @@ def _run_showing_progress(cmd: list[str], env: dict[str, str], on_progress: Call
 
 
 def _show_run_progress(progress: Progress, task: Any, console: Console, label: str, line: str) -> None:
-    """A run's progress line: in its bar's description on a terminal, else printed with the run's label."""
-    if console.is_terminal:
+    """A run's progress line: in its bar's description on a terminal, else printed with the run's label.
+
+    Its other lines (a warning, a cache file computed) are printed with the label on a terminal too.
+    """
+    if console.is_terminal and line.startswith(PLAIN_PREFIX):
         progress.update(task, description=escape(f"  {label}  {line.split('  (')[0]}"))
     else:
         console.print(f"{label}: {line}", markup=False, highlight=False, soft_wrap=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import sys
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 from dpbench import progress
 from dpbench.cli import app
 from dpbench.progress import TrainingProgress, format_duration
+from dpbench import sweep as sweep_module
 from dpbench.sweep import SweepSpec, expand, run_sweep
 
 LINE = re.compile(r"^step (\d+)/(\d+)  loss (-|\d+\.\d{4})  \d+ samples/s  ETA (\?|\d+:\d\d(:\d\d)?)  \((.+)\)$")
@@ -78,3 +81,31 @@ def test_a_sweep_shows_each_configurations_progress(tmp_path):
     text = stream.getvalue()
     assert re.search(r"dpsgd synthetic/\S+ eps=2 seed=0 \[cpu\]: step 3/3  loss ", text), text
     assert "sweep: 1/1 configurations done" in text
+
+
+def test_a_sweep_shows_what_a_run_computes_before_its_first_step(tmp_path, monkeypatch):
+    """On a cold cache a run computes its ScatterNet features for minutes before its first progress line."""
+    from rich.console import Console
+
+    monkeypatch.setenv("DPBENCH_CACHE", str(tmp_path / "cache"))
+    stream = io.StringIO()
+    configs = expand(SweepSpec(grid={"mech": ["dpsgd"], "dataset": ["synthetic"], "model": ["scatter_linear"],
+                                     "eps": [2]}, fixed={"steps": 2}))
+    outcomes = run_sweep(configs, str(tmp_path / "r.csv"), console=Console(file=stream, width=300))
+    assert [o.ok for o in outcomes] == [True]
+    text = stream.getvalue()
+    assert re.search(r"dpsgd synthetic/scatter_linear eps=2 seed=0 \[cpu\]: computing ScatterNet features of "
+                     r"synthetic once", text), text
+
+
+def test_a_sweep_passes_on_warnings_and_cache_lines_and_keeps_notes_and_errors_for_its_failure_log():
+    """Notes come from resolving the configuration, which the sweep said once; an error is its failed line."""
+    lines = ["note: nearest tuned eps", "computing ScatterNet features of x once (cached in /c)",
+             "waiting for another process to finish computing y (/c/y.pt)", "warning: slow path",
+             "step 1/2  loss 2.3  10 samples/s  ETA 1s", "error: --lr 0: must be positive", "Traceback (most recent"]
+    script = "import sys\nfor line in %r: print(line, file=sys.stderr)\nsys.exit(3)" % (lines,)
+    shown: list[str] = []
+    returncode, _, stderr = sweep_module._run_showing_progress([sys.executable, "-c", script], dict(os.environ),
+                                                              shown.append)
+    assert returncode == 3 and stderr.splitlines() == lines  # all of it still goes to the failure log
+    assert shown == lines[1:5]

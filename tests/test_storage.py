@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from dpbench.progress import PASSED_ON_PREFIXES
 from dpbench.storage import built_once
 from tests.concurrency import together
 
@@ -23,6 +24,8 @@ def test_a_second_builder_of_one_cache_file_waits_for_the_first_and_says_so(tmp_
     assert events == [f"{first} in", f"{first} out", f"{second} in", f"{second} out"]  # never interleaved
     err = capsys.readouterr().err
     assert f"waiting for another process to finish building {second} ({path})" in err
+    (said,) = [line for line in err.splitlines() if "waiting" in line]
+    assert said.startswith(PASSED_ON_PREFIXES)  # a sweep shows it under the run's label
     assert f"finish building {first}" not in err  # the first found the lock free and did not wait
 
 
