@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dpbench import progress
 from dpbench.cli import app
-from dpbench.progress import TrainingProgress, format_duration
+from dpbench.progress import PASSED_ON_PREFIXES, TrainingProgress, format_duration
 from dpbench import sweep as sweep_module
 from dpbench.sweep import SweepSpec, expand, run_sweep
 
@@ -96,6 +96,14 @@ def test_a_sweep_shows_what_a_run_computes_before_its_first_step(tmp_path, monke
     text = stream.getvalue()
     assert re.search(r"dpsgd synthetic/scatter_linear eps=2 seed=0 \[cpu\]: computing ScatterNet features of "
                      r"synthetic once", text), text
+
+
+def test_a_runs_warning_is_a_line_a_sweep_passes_on(capsys):
+    from dpbench.engine import warn
+
+    warn("the fast per-sample path does not cover this model")
+    (said,) = capsys.readouterr().err.splitlines()
+    assert said.startswith(PASSED_ON_PREFIXES) and said.endswith("does not cover this model")
 
 
 def test_a_sweep_passes_on_warnings_and_cache_lines_and_keeps_notes_and_errors_for_its_failure_log():
