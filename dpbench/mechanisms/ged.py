@@ -27,6 +27,7 @@ reproduced); the recipes use none.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from typing import Any, Callable, Iterable
@@ -54,6 +55,78 @@ def float32_below(rows: np.ndarray) -> torch.Tensor:
 #: (and measured slightly faster than larger blocks).
 TOP_K_BLOCK = 1 << 22
 
+#: Candidates per row that ``top_k_magnitudes`` aims to keep before its sort, as a multiple of k: the
+#: threshold comes from a sample of the columns, and 1.25 k is about eight standard deviations above k
+#: at k = 14,000 (a block with a row that falls short is keyed whole, so the margin costs speed only).
+CANDIDATE_MARGIN = 1.25
+#: Every how many columns, on average, one enters the sample that sets the threshold.
+THRESHOLD_SAMPLE_EVERY = 16
+#: ``top_k_magnitudes`` filters candidates only where d is at least this many times k (below it the
+#: filter keeps most of the row and costs more than it saves).
+FILTER_FROM = 4
+
+ALL_BITS = np.uint64(0xFFFFFFFF)
+
+
+@functools.lru_cache(maxsize=8)
+def threshold_sample_columns(d: int) -> np.ndarray:
+    """A fixed, data-independent sample of about ``d / THRESHOLD_SAMPLE_EVERY`` columns of ``range(d)``.
+
+    Drawn at random rather than strided, so a layout with a period (a linear layer's gradient repeats its
+    input's per class) cannot bias the threshold. It changes only which entries are sorted, never the result.
+    """
+    size = max(1, d // THRESHOLD_SAMPLE_EVERY)
+    return np.sort(np.random.default_rng(0).choice(d, size=size, replace=False))
+
+
+def _smallest_keys_columns(keys: np.ndarray, k: int) -> np.ndarray:
+    """Columns held in the low 32 bits of each row's ``k`` smallest keys, in key order."""
+    if k < keys.shape[1]:
+        keys = np.partition(keys, k - 1, axis=1)[:, :k]
+    keys.sort(axis=1)
+    return (keys & ALL_BITS).astype(np.int64)
+
+
+def _keys(magnitude_bits: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Each entry's 64-bit key: the complement of its magnitude's bits above its column (smaller = kept first)."""
+    keys = magnitude_bits.astype(np.uint64)
+    np.subtract(ALL_BITS, keys, out=keys)
+    keys <<= np.uint64(32)
+    keys |= columns.astype(np.uint64, copy=False)
+    return keys
+
+
+def _candidates(magnitude_bits: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(flat index, row, column, count per row) of the entries at or above their row's threshold, row by row."""
+    flat = np.flatnonzero(magnitude_bits >= threshold[:, None])
+    rows, columns = np.divmod(flat, magnitude_bits.shape[1])
+    return flat, rows, columns, np.bincount(rows, minlength=magnitude_bits.shape[0])
+
+
+def _top_k_columns(magnitude_bits: np.ndarray, k: int) -> np.ndarray:
+    """The columns of each row's k largest magnitudes (by their bits), largest first, ties by column.
+
+    Where d >= FILTER_FROM * k only the candidates at or above a per-row threshold are keyed and sorted: the
+    threshold is the magnitude that about ``CANDIDATE_MARGIN * k`` entries reach, estimated from a sample
+    of columns. Every entry left out is smaller than every candidate, so while each row keeps at least k
+    candidates their k smallest keys are the whole row's. A block with a row that keeps fewer (the sample
+    missed), or whose threshold would be 0 (a row mostly of zeros, as an embedding's gradient), is keyed
+    whole; the latter is known from the sample's non-zeros, before a partition (slow on many equal values).
+    """
+    n, d = magnitude_bits.shape
+    if d >= FILTER_FROM * k:
+        sample = np.take(magnitude_bits, threshold_sample_columns(d), axis=1)
+        rank = min(sample.shape[1], math.ceil(CANDIDATE_MARGIN * k * sample.shape[1] / d))
+        if np.count_nonzero(sample, axis=1).min() >= rank:  # so every row's threshold is above 0
+            threshold = np.partition(sample, sample.shape[1] - rank, axis=1)[:, sample.shape[1] - rank]
+            flat, rows, columns, counts = _candidates(magnitude_bits, threshold)
+            if counts.min() >= k:
+                starts = np.cumsum(counts) - counts
+                keys = np.full((n, int(counts.max())), np.iinfo(np.uint64).max, dtype=np.uint64)  # padding last
+                keys[rows, np.arange(flat.size) - starts[rows]] = _keys(magnitude_bits.reshape(-1)[flat], columns)
+                return _smallest_keys_columns(keys, k)
+    return _smallest_keys_columns(_keys(magnitude_bits, np.arange(d, dtype=np.uint64)), k)
+
 
 def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest ``|x|`` of each row of ``x`` (b x d), largest first, and their columns.
@@ -64,24 +137,17 @@ def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     bits (non-negative floats order like their bits) above its column, and numpy's vectorised partition
     and sort of those keys gives the columns, whose magnitudes are gathered (results/perf/ged_topk_cpu.md).
     A magnitude's bits are the entry's with the sign bit cleared (exactly what ``abs`` gives), so no b x d
-    buffer of magnitudes is made.
+    buffer of magnitudes is made; where d is large next to k only the entries above a threshold are keyed.
     """
     b, d = x.shape
     if x.device.type != "cpu" or x.dtype != torch.float32 or k == 0 or d >= 1 << 32:
         return x.abs().topk(k, dim=1, sorted=True)
     values = x.detach().contiguous()
     bits = values.numpy().view(np.uint32)
-    columns = np.arange(d, dtype=np.uint64)
     idx = np.empty((b, k), dtype=np.int64)
     rows = max(1, TOP_K_BLOCK // d)
     for start in range(0, b, rows):
-        magnitude_bits = (bits[start:start + rows] & np.uint32(0x7FFFFFFF)).astype(np.uint64)
-        keys = (np.uint64(0xFFFFFFFF) - magnitude_bits) << np.uint64(32)
-        keys |= columns
-        if k < d:
-            keys = np.partition(keys, k - 1, axis=1)[:, :k]
-        keys.sort(axis=1)
-        idx[start:start + rows] = keys & np.uint64(0xFFFFFFFF)
+        idx[start:start + rows] = _top_k_columns(bits[start:start + rows] & np.uint32(0x7FFFFFFF), k)
     columns_kept = torch.from_numpy(idx)
     return values.gather(1, columns_kept).abs(), columns_kept
 

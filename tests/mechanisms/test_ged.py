@@ -58,6 +58,77 @@ def test_top_k_magnitudes_order_ties_by_column_and_keep_other_dtypes_on_topk():
     assert mags.dtype == torch.float64 and torch.equal(mags, expected.values) and torch.equal(cols, expected.indices)
 
 
+def linear_layer_grads(b: int, classes: int, features: int, seed: int) -> torch.Tensor:
+    """Per-example gradients shaped like a linear layer's: each class row repeats the features (a period)."""
+    g = torch.Generator().manual_seed(seed)
+    backprops = torch.randn(b, classes, generator=g)
+    inputs = torch.randn(b, features, generator=g).abs().half().float()  # float16 features: many ties
+    return torch.cat([(backprops[:, :, None] * inputs[:, None, :]).reshape(b, -1), backprops], dim=1)
+
+
+def sparse_grads(b: int, d: int, nonzero: int, seed: int, zero_row: bool = False) -> torch.Tensor:
+    """Rows with at most ``nonzero`` non-zero entries (an embedding's gradient); the first all zeros if asked."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(b, d)
+    columns = torch.rand(b, d, generator=g).argsort(dim=1)[:, :nonzero]
+    x.scatter_(1, columns, torch.randn(b, nonzero, generator=g))
+    if zero_row:
+        x[0] = 0.0
+    return x
+
+
+def keyed_widths(monkeypatch) -> list[int]:
+    """The number of keys per row that each block of ``top_k_magnitudes`` partitions and sorts."""
+    widths: list[int] = []
+    original = ged._smallest_keys_columns
+    monkeypatch.setattr(ged, "_smallest_keys_columns", lambda keys, k: (widths.append(keys.shape[1]), original(keys, k))[1])
+    return widths
+
+
+def by_column(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference with ties in column order: a stable descending sort of each whole row."""
+    ordered = x.abs().sort(dim=1, descending=True, stable=True)
+    return ordered.values[:, :k], ordered.indices[:, :k]
+
+
+@pytest.mark.parametrize("x,k,filtered", [(linear_layer_grads(9, 10, 4800, 7), 4000, True),
+                                          (linear_layer_grads(3, 10, 480, 8), 1, True),
+                                          (heavy_grads(5, 40000, 11), 5000, True),
+                                          (sparse_grads(6, 20000, 3000, 10), 1000, True),
+                                          (sparse_grads(6, 20000, 3000, 10, zero_row=True), 1000, False),
+                                          (sparse_grads(6, 2000, 30, 9), 100, False)])
+def test_top_k_magnitudes_filtered_by_a_threshold_equal_a_sort_of_the_whole_row(monkeypatch, x, k, filtered):
+    # d >= FILTER_FROM * k: only candidates at or above a sampled threshold are sorted (sizes where the
+    # sample's estimate is within a few standard deviations), except in a block with a row of fewer than
+    # ~1.25 k non-zeros (threshold 0; an all-zero row too), which is keyed whole
+    widths = keyed_widths(monkeypatch)
+    mags, cols = top_k_magnitudes(x, k)
+    assert torch.equal(mags, x.abs().topk(k, dim=1, sorted=True).values)
+    expected = by_column(x, k)
+    assert torch.equal(mags, expected[0]) and torch.equal(cols, expected[1])
+    assert widths and all((w < x.shape[1]) == filtered for w in widths)
+
+
+@pytest.mark.parametrize("margin", [0.3, 0.9])
+def test_top_k_magnitudes_key_a_whole_block_when_a_threshold_kept_fewer_than_k(monkeypatch, margin):
+    monkeypatch.setattr(ged, "CANDIDATE_MARGIN", margin)  # below 1: rows keep fewer than k candidates
+    monkeypatch.setattr(ged, "TOP_K_BLOCK", 4 * 4810)  # blocks of 4 rows of 4,810 columns
+    x = linear_layer_grads(40, 10, 480, 12)
+    widths = keyed_widths(monkeypatch)
+    mags, cols = top_k_magnitudes(x, 400)
+    assert len(widths) == 10 and x.shape[1] in widths, "no block fell short of k, so that path was not tested"
+    expected = by_column(x, 400)
+    assert torch.equal(mags, expected[0]) and torch.equal(cols, expected[1])
+
+
+def test_the_threshold_sample_is_fixed_and_spread_over_the_row():
+    columns = ged.threshold_sample_columns(155_530)
+    assert np.array_equal(columns, ged.threshold_sample_columns.__wrapped__(155_530))  # data-independent
+    assert len(columns) == 155_530 // ged.THRESHOLD_SAMPLE_EVERY and np.all(np.diff(columns) > 0)
+    # not one residue of a period: a linear layer's row repeats every 15,552 columns
+    assert len(np.unique(columns % 16)) == 16 and len(np.unique(columns % 15_552)) > 5_000
+
+
 def test_encoder_is_the_same_with_torch_topk(monkeypatch, codebook):
     enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
     grads = heavy_grads(32, D, 5)
