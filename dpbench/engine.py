@@ -89,12 +89,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 class Interim:
     """Evaluations on the held-out split during training, at fractions of the steps (tuning prunes on them).
 
-    ``report(step, accuracy)`` may raise to stop the run; evaluating changes no random state, so a run
-    with interim evaluations ends where the same run without them ends.
+    ``report(step, steps, accuracy)`` may raise to stop the run; evaluating changes no random state, so a
+    run with interim evaluations ends where the same run without them ends.
     """
 
     fractions: tuple[float, ...]
-    report: Callable[[int, float], None]
+    report: Callable[[int, int, float], None]
 
     def steps(self, total: int) -> set[int]:
         return {s for s in (int(f * total) for f in self.fractions) if 0 < s < total}
@@ -176,7 +176,7 @@ def train(cfg: RunConfig, mech: Mechanism, data: DatasetBundle, noise_multiplier
             state.record(len(idx), loss_sum)
             progress.update(state.step, lambda: state.ema_loss, state.samples - samples_before)
             if interim is not None and state.step in interim_steps:
-                interim.report(state.step, evaluate(model, data.test_x.to(device), data.test_y.to(device))[0])
+                interim.report(state.step, steps, evaluate(model, data.test_x.to(device), data.test_y.to(device))[0])
             if checkpointer is not None and state.step < steps:
                 checkpointer.maybe_save(lambda: state.snapshot(model, optimizer, mech,
                                                                state.wall + time.perf_counter() - t0))

@@ -5,6 +5,7 @@ node dies mid-task or the driver is killed. Loopback only (a local instance, and
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,6 +190,23 @@ def test_tune_on_ray_one_trial_at_a_time_gives_the_local_tunes_trials(cluster, t
     assert remote[0].val_acc == local[0].val_acc and remote[0].lr == local[0].lr
     a, b = (rows(Path(f, "s.trials.csv")).drop(columns=TIMING) for f in ("local", "ray"))
     pd.testing.assert_frame_equal(a, b)  # the driver wrote the trials' rows
+
+
+def test_a_ray_tasks_progress_lines_name_the_studys_trial_not_its_stand_in(tmp_path, capsys):
+    from dpbench.tuning.distributed import trial_in_task
+    from dpbench.tuning.runner import TuneRequest, trial_config
+    from dpbench.tuning.space import SharedSpace
+
+    req = TuneRequest(mechs=("dpsgd",), dataset="synthetic", model="linear", eps=4.0, trials=5,
+                      study=str(tmp_path / "s.db"), out=str(tmp_path / "r.toml"),
+                      shared=SharedSpace(batch_sizes=(32,), epochs=(2.0,)))
+    cfg = trial_config(req, "dpsgd", {"lr": 0.1, "batch_size": 32, "epochs": 2.0, "momentum": 0.0,
+                                      "optimizer": "sgd", "clip": 1.0}, {})
+    outcome = trial_in_task(cfg, [], 1, 7)  # the task body, in this process: its stand-in trial is number 0
+    assert outcome["state"] == "complete"
+    err = capsys.readouterr().err
+    assert len(re.findall(r"^dpsgd: trial 7 at step \d+ of \d+, validation accuracy", err, re.M)) == 3
+    assert "trial 0" not in err
 
 
 def test_backend_options_are_checked_before_anything_runs(tmp_path):

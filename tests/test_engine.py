@@ -113,7 +113,7 @@ def test_interim_evaluations_report_at_their_fractions_and_change_nothing(mech):
     plain = train(c, get_mechanism(mech)(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False)
     seen = []
     with_interim = train(c, get_mechanism(mech)(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False,
-                         interim=Interim((0.25, 0.5, 0.75, 1.0), lambda step, acc: seen.append((step, acc))))
+                         interim=Interim((0.25, 0.5, 0.75, 1.0), lambda step, steps, acc: seen.append((step, acc))))
     assert [s for s, _ in seen] == [2, 4, 6]  # the last step is the final evaluation, not an interim one
     assert all(0 <= acc <= 1 for _, acc in seen)
     for a, b in zip(plain.model.parameters(), with_interim.model.parameters()):
@@ -127,7 +127,7 @@ def test_an_interim_report_that_raises_stops_the_run():
     class Stop(Exception):
         pass
 
-    def stop(step, acc):  # noqa: ANN001
+    def stop(step, steps, acc):  # noqa: ANN001
         raise Stop(step)
 
     with pytest.raises(Stop, match="4"):

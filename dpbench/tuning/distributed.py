@@ -27,8 +27,10 @@ from dpbench.tuning.runner import (FINISHED, MAX_FAILURES, TuneRequest, count_tr
 State = optuna.trial.TrialState
 
 
-def trial_in_task(cfg: RunConfig, finished: list[optuna.trial.FrozenTrial], threads: int) -> dict[str, Any]:
-    """The body of a Ray task: one trial against an in-memory copy of its study's finished trials."""
+def trial_in_task(cfg: RunConfig, finished: list[optuna.trial.FrozenTrial], threads: int, number: int
+                  ) -> dict[str, Any]:
+    """The body of a Ray task: one trial (the study's trial ``number``) against an in-memory copy of its
+    study's finished trials."""
     import torch
 
     torch.set_num_threads(threads)
@@ -43,7 +45,7 @@ def trial_in_task(cfg: RunConfig, finished: list[optuna.trial.FrozenTrial], thre
                 "wall_s": time.perf_counter() - started, **fields}
 
     try:
-        result = train_reporting(cfg, proxy, check_out=False)
+        result = train_reporting(cfg, proxy, check_out=False, number=number)
     except optuna.TrialPruned as exc:
         return outcome("pruned", detail=str(exc))
     except BadInput as exc:
@@ -75,7 +77,7 @@ def work_ray(req: TuneRequest, mech: str, study: optuna.Study, failures_before: 
                     continue
                 trial.set_user_attr("command", cfg.command())
                 finished = study.get_trials(deepcopy=True, states=FINISHED)
-                in_flight[remote.remote(cfg, finished, threads)] = trial
+                in_flight[remote.remote(cfg, finished, threads, trial.number)] = trial
             if not in_flight:
                 return
             ready, _ = ray.wait(list(in_flight), num_returns=1)

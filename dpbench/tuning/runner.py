@@ -190,17 +190,22 @@ def trial_config(req: TuneRequest, mech: str, options: dict[str, Any], params: d
                     "mech_params": params, "device": device, **options})
 
 
-def train_reporting(cfg: RunConfig, trial: optuna.Trial, *, check_out: bool = True) -> Executed:
+def train_reporting(cfg: RunConfig, trial: optuna.Trial, *, check_out: bool = True, number: int | None = None
+                    ) -> Executed:
     """Train a trial's run, reporting validation accuracy at ``INTERIM_FRACTIONS`` of its steps to ``trial``;
-    raises ``optuna.TrialPruned`` when the trial's pruner says so. Writes nothing."""
+    raises ``optuna.TrialPruned`` when the trial's pruner says so. Writes nothing but a progress line at each
+    report, which names the trial ``number`` (default ``trial.number``; a Ray task's trial is a stand-in)."""
     from dpbench.engine import Interim, execute
 
     reports = 0
+    started = time.perf_counter()
 
-    def report(step: int, accuracy: float) -> None:
+    def report(step: int, steps: int, accuracy: float) -> None:
         nonlocal reports
         reports += 1  # the pruner compares trials at the same fraction of their steps, whatever their horizon
         trial.report(accuracy, reports)
+        print(interim_progress(cfg.mech, trial.number if number is None else number, step, steps, accuracy, time.perf_counter() - started),
+              file=sys.stderr, flush=True)
         if trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {accuracy:.4f} at step {step}")
 
@@ -270,6 +275,16 @@ def trial_progress(study: optuna.Study, mech: str, number: int, trials: int, job
     wall = trial.user_attrs.get("wall_s", math.nan)
     return (f"{mech}: trial {number} {outcome} in {format_duration(wall)}; {len(finished)} of {trials} finished, "
             f"about {format_duration(left)} left for {mech}")
+
+
+def interim_progress(mech: str, number: int, step: int, steps: int, accuracy: float, elapsed_s: float) -> str:
+    """One line at each interim evaluation of a trial (a trial of a slow mechanism runs for hours between the
+    lines after trials): where it is, its validation accuracy, and the time left in it at its pace so far."""
+    from dpbench.progress import format_duration
+
+    left = elapsed_s * (steps - step) / step
+    return (f"{mech}: trial {number} at step {step} of {steps}, validation accuracy {accuracy:.4f} after "
+            f"{format_duration(elapsed_s)}; about {format_duration(left)} left in this trial")
 
 
 def _count_fail(study: optuna.Study) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from dpbench.mechanisms.dpsgd import DPSGD
 from dpbench.privacy.rdp import SGM_ORDERS
 from dpbench.registry import Entry
 from dpbench.tuning.recipes_file import read_recipes
-from dpbench.tuning.runner import TuneRequest, trial_progress, tune
+from dpbench.tuning.runner import TuneRequest, interim_progress, trial_progress, tune
 from dpbench.tuning.space import SharedSpace
 
 runner = CliRunner()
@@ -66,6 +67,10 @@ def test_equal_budget_on_the_validation_split_and_a_recipe_per_mechanism():
     assert 0.01 <= recipes["auto_s"].clip <= 10 and 1e-3 <= recipes["auto_s"].mech_params["gamma"] <= 1.0
     # a line per finished trial, so that a long tune's log shows where it is
     assert "auto_s: trial 2 " in res.output and "3 of 3 finished, about 0:00 left for auto_s" in res.output
+    # and a line at each interim evaluation inside a trial, before the trial's line
+    interim = re.findall(r"dpsgd: trial 0 at step (\d+) of (\d+), validation accuracy 0\.\d{4} after", res.output)
+    assert len(interim) == 3 and len({total for _, total in interim}) == 1
+    assert res.output.index("dpsgd: trial 0 at step") < res.output.index("dpsgd: trial 0 validation accuracy")
 
     # a finished tune trains nothing, rewrites --out and exits 0
     Path("t/recipes.toml").unlink()
@@ -94,6 +99,12 @@ def test_the_progress_line_after_a_trial_counts_its_mechanisms_finished_trials_a
                     "about 5:00 left for dpsgd")
     assert "trial 1 pruned in 0:20" in trial_progress(study, "dpsgd", 1, 12, 2)
     assert "trial 2 fail in 0:05" in trial_progress(study, "dpsgd", 2, 12, 2)
+
+
+def test_the_progress_line_inside_a_trial_says_where_it_is_and_the_time_left_at_its_pace():
+    # a quarter of 800 steps in 10 minutes: three quarters left, 30 minutes
+    assert interim_progress("ged", 4, 200, 800, 0.41234, 600.0) == (
+        "ged: trial 4 at step 200 of 800, validation accuracy 0.4123 after 10:00; about 30:00 left in this trial")
 
 
 @pytest.mark.slow  # about 15 s: two worker processes
