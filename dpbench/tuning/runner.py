@@ -204,7 +204,8 @@ def train_reporting(cfg: RunConfig, trial: optuna.Trial, *, check_out: bool = Tr
         nonlocal reports
         reports += 1  # the pruner compares trials at the same fraction of their steps, whatever their horizon
         trial.report(accuracy, reports)
-        print(interim_progress(cfg.mech, trial.number if number is None else number, step, steps, accuracy, time.perf_counter() - started),
+        label = trial.number if number is None else number
+        print(interim_progress(cfg.mech, label, step, steps, accuracy, time.perf_counter() - started),
               file=sys.stderr, flush=True)
         if trial.should_prune():
             raise optuna.TrialPruned(f"validation accuracy {accuracy:.4f} at step {step}")

@@ -81,7 +81,12 @@ def keyed_widths(monkeypatch) -> list[int]:
     """The number of keys per row that each block of ``top_k_magnitudes`` partitions and sorts."""
     widths: list[int] = []
     original = ged._smallest_keys_columns
-    monkeypatch.setattr(ged, "_smallest_keys_columns", lambda keys, k: (widths.append(keys.shape[1]), original(keys, k))[1])
+
+    def spy(keys: np.ndarray, k: int) -> np.ndarray:
+        widths.append(keys.shape[1])
+        return original(keys, k)
+
+    monkeypatch.setattr(ged, "_smallest_keys_columns", spy)
     return widths
 
 
