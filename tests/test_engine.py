@@ -113,9 +113,9 @@ def test_interim_evaluations_report_at_their_fractions_and_change_nothing(mech):
     plain = train(c, get_mechanism(mech)(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False)
     seen = []
     with_interim = train(c, get_mechanism(mech)(), DATA, 1.0, 8, torch.device("cpu"), show_progress=False,
-                         interim=Interim((0.25, 0.5, 0.75, 1.0), lambda step, steps, acc: seen.append((step, acc))))
-    assert [s for s, _ in seen] == [2, 4, 6]  # the last step is the final evaluation, not an interim one
-    assert all(0 <= acc <= 1 for _, acc in seen)
+                         interim=Interim((0.25, 0.5, 0.75, 1.0), lambda step, steps, acc: seen.append((step, steps, acc))))
+    assert [s for s, _, _ in seen] == [2, 4, 6]  # the last step is the final evaluation, not an interim one
+    assert all(total == 8 and 0 <= acc <= 1 for _, total, acc in seen)
     for a, b in zip(plain.model.parameters(), with_interim.model.parameters()):
         assert torch.equal(a, b)  # evaluating consumed no randomness and changed no state
     assert plain.test_acc == with_interim.test_acc == evaluate(with_interim.model, DATA.test_x, DATA.test_y)[0]
