@@ -202,7 +202,13 @@ def test_a_ray_tasks_progress_lines_name_the_studys_trial_not_its_stand_in(tmp_p
                       shared=SharedSpace(batch_sizes=(32,), epochs=(2.0,)))
     cfg = trial_config(req, "dpsgd", {"lr": 0.1, "batch_size": 32, "epochs": 2.0, "momentum": 0.0,
                                       "optimizer": "sgd", "clip": 1.0}, {})
-    outcome = trial_in_task(cfg, [], 1, 7)  # the task body, in this process: its stand-in trial is number 0
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # the task body, in this process (its stand-in trial is number 0); it sets the thread count
+        outcome = trial_in_task(cfg, [], 1, 7)
+    finally:
+        torch.set_num_threads(threads)
     assert outcome["state"] == "complete"
     err = capsys.readouterr().err
     assert len(re.findall(r"^dpsgd: trial 7 at step \d+ of \d+, validation accuracy", err, re.M)) == 3
