@@ -7,7 +7,9 @@ is unreachable, or that is otherwise invalid, is a pruned trial; a trial that cr
 with its command, and the tune goes on. ``trials`` counts finished (completed or pruned) trials per
 mechanism over every invocation; workers take a file lock to ask for a trial, so ``--jobs`` never
 overshoots it. One tune at a time holds a study file (a second is refused); so the trials a resumed
-tune finds running were left by a killed one: they are marked failed and run again.
+tune finds running were left by a killed one: they are marked failed and their parameters queued to run
+again. A resumed tune's sampler is seeded from the study's state as well as ``--seed``, so it continues the
+study's draws rather than repeating its first ones.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+import numpy as np
 import optuna
 
 from dpbench.config import RunConfig, resolve
@@ -152,6 +155,16 @@ def check_request(req: TuneRequest) -> dict[str, dict[str, Any]]:
     return metas
 
 
+def sampler_seed(seed: int, worker: int, trials_so_far: int) -> int:
+    """The seed of a worker's sampler. A seeded sampler draws the same sequence in every process, so a
+    resumed tune seeded as the first invocation was would propose the study's first trials again; the
+    number of trials the study already holds makes each invocation's stream its own. A new study's seed is
+    ``seed * 1000 + worker``, as it always was, so a study run in one go is drawn as before."""
+    if trials_so_far == 0:
+        return seed * 1000 + worker
+    return int(np.random.SeedSequence((seed, worker, trials_so_far)).generate_state(1)[0])
+
+
 def _sampler(seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=PRUNER_STARTUP_TRIALS)
 
@@ -160,11 +173,14 @@ def make_pruner() -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
 
 
-def open_study(req: TuneRequest, mech: str, meta: dict[str, Any], seed: int) -> optuna.Study:
+def open_study(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int = 0) -> optuna.Study:
+    """``mech``'s study in ``req.study`` (created when new), its sampler seeded for ``worker`` from
+    ``req.seed`` and the trials the study holds now (``sampler_seed``)."""
     study = optuna.create_study(study_name=mech, storage=storage(req.study), direction="maximize",
-                                sampler=_sampler(seed), pruner=make_pruner(), load_if_exists=True)
+                                pruner=make_pruner(), load_if_exists=True)
     if "dpbench" not in study.user_attrs:
         study.set_user_attr("dpbench", meta)
+    study.sampler = _sampler(sampler_seed(req.seed, worker, len(study.get_trials(deepcopy=False))))
     return study
 
 
@@ -246,7 +262,7 @@ def work(req: TuneRequest, mech: str, meta: dict[str, Any], worker: int, failure
     if req.jobs > 1:  # J workers share the cores
         torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(req, mech, meta, req.seed * 1000 + worker)
+    study = open_study(req, mech, meta, worker)
     space = space_of(req, mech)
     lock = str(_ask_lock(req))
     while True:
@@ -324,15 +340,14 @@ def _ask_lock(req: TuneRequest) -> Path:
 
 
 def _tune_one(req: TuneRequest, mech: str, meta: dict[str, Any], on_mechanism: Any) -> TunedRecipe | None:
-    study = open_study(req, mech, meta, req.seed)
-    for left in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(left.number, state=optuna.trial.TrialState.FAIL)  # a killed tune's: run again
+    study = open_study(req, mech, meta)
+    rerun_cut_trials(study)
     failed = _count_fail(study)
     if count_trials(study, FINISHED) < req.trials:
         if req.backend == "ray":
             from dpbench.tuning.distributed import work_ray
 
-            work_ray(req, mech, study, failed)
+            work_ray(req, mech, open_study(req, mech, meta), failed)  # seeded as a local worker would be
         elif req.jobs == 1:
             work(req, mech, meta, 0, failed)
         else:
@@ -346,6 +361,18 @@ def _tune_one(req: TuneRequest, mech: str, meta: dict[str, Any], on_mechanism: A
     if on_mechanism is not None:
         on_mechanism(mech, study, recipe)
     return recipe
+
+
+def rerun_cut_trials(study: optuna.Study) -> None:
+    """Mark the trials a killed tune left running failed, and queue each one's parameters (those it had
+    drawn) so that the next trials asked for run them again, wherever they were in the study. Parameters
+    a finished trial already has are not queued (a study resumed before its sampler was seeded from its
+    state may hold such a repeat, cut)."""
+    done = [t.params for t in study.get_trials(deepcopy=False, states=FINISHED)]
+    for left in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(left.number, state=optuna.trial.TrialState.FAIL)
+        if left.params and left.params not in done:  # cut before it drew anything: a new draw stands for it
+            study.enqueue_trial(left.params, user_attrs={"rerun_of": left.number})
 
 
 def best_recipe(req: TuneRequest, mech: str, study: optuna.Study) -> TunedRecipe | None:

@@ -123,6 +123,51 @@ def test_a_killed_tune_resumes_and_its_running_trial_is_run_again():
     assert len(finished(trials)) == 2 and sum(t.state == optuna.trial.TrialState.FAIL for t in trials) == 1
 
 
+def test_a_cut_trial_is_run_again_wherever_it_was_and_a_resumed_tune_repeats_no_finished_trial(monkeypatch):
+    import dpbench.tuning.runner as tuning_runner
+
+    trained = tuning_runner.train_reporting
+    calls = []
+
+    def cut_the_second(cfg, trial, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the tune is killed inside trial 1, after it drew its parameters
+        return trained(cfg, trial, **kwargs)
+
+    monkeypatch.setattr(tuning_runner, "train_reporting", cut_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        tune(request("dpsgd", 3))
+    monkeypatch.setattr(tuning_runner, "train_reporting", trained)
+    cut = optuna.load_study(study_name="dpsgd", storage=f"sqlite:///{Path('t/study.db').resolve()}").trials[1]
+    assert cut.state == optuna.trial.TrialState.RUNNING and cut.params
+
+    assert tune(request("dpsgd", 3))
+    trials = optuna.load_study(study_name="dpsgd", storage=f"sqlite:///{Path('t/study.db').resolve()}").trials
+    State = optuna.trial.TrialState
+    assert [t.state for t in trials] == [State.COMPLETE, State.FAIL, State.COMPLETE, State.COMPLETE]
+    assert trials[2].params == cut.params and trials[2].user_attrs["rerun_of"] == 1  # the cut trial, run again
+    drawn = [tuple(sorted(t.params.items())) for t in finished(trials)]
+    assert len(set(drawn)) == 3  # the resumed tune's own draw is new, not the study's first again
+
+
+def test_a_cut_trial_that_repeats_a_finished_one_is_not_queued_again():
+    from dpbench.tuning.runner import rerun_cut_trials
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"lr": optuna.distributions.FloatDistribution(0.01, 1.0)}
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.9, params={"lr": 0.1},
+                                              distributions=dist))
+    for lr in (0.1, 0.5):  # a repeat of trial 0 (left by an earlier resumption) and a new draw, both cut
+        trial = study.ask()
+        trial.suggest_float("lr", lr, lr)
+    rerun_cut_trials(study)
+    State = optuna.trial.TrialState
+    assert [t.state for t in study.trials[:3]] == [State.COMPLETE, State.FAIL, State.FAIL]
+    queued = study.get_trials(deepcopy=False, states=(State.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs["rerun_of"]) for t in queued] == [({"lr": 0.5}, 2)]
+
+
 class Unreachable(DPSGD):
     """An accountant with a floor: no noise reaches small eps."""
 
