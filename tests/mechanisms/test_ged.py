@@ -156,6 +156,22 @@ def test_encoder_writing_into_its_input_encodes_the_same(codebook):
     assert empty.shape == (0, D) and empty_rows.shape == (0,)
 
 
+def test_transform_reuses_one_buffer_between_chunks_and_encodes_each_as_a_fresh_concatenation():
+    mech = GED(k=K, codebook_rows=6, codebook_seed=2)
+    shapes = ((10, 29), (10,))  # a linear layer's weight and bias: d = 300
+    first = None
+    for b, seed in ((32, 1), (8, 2), (0, 3), (32, 4), (48, 5)):
+        flat = heavy_grads(b, D, seed)
+        grads = [piece.reshape(b, *shape) for piece, shape in zip(flat.split([290, 10], dim=1), shapes)]
+        summed = mech.transform([g.clone() for g in grads], clip=1.0)
+        expected = mech.encoder(flat.clone()).sum(dim=0)
+        assert [t.shape for t in summed] == [torch.Size(s) for s in shapes]
+        assert torch.equal(torch.cat([t.reshape(-1) for t in summed]), expected)
+        first = mech._rows.data_ptr() if first is None else first
+        assert (mech._rows.data_ptr() == first) == (b <= 32)  # a larger chunk than any before: a new buffer
+    assert mech._rows.shape == (48, D) and "_rows" in GED.transient  # never written into a checkpoint
+
+
 def test_encoded_vectors_lie_in_the_sensitivity_set(codebook):
     torch.manual_seed(0)
     enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)
