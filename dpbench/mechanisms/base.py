@@ -14,7 +14,8 @@ the per-chunk accumulation, empty batches, checkpoints and the audit's canary ar
                can avoid materialising per-sample gradients.
                ``PerSample.GRADIENTS``: ``transform(grads, clip)`` gets each parameter's per-sample
                gradients ``[n, *shape]`` of one physical chunk and returns that chunk's summed
-               contribution per parameter (each record's within ``sensitivity(clip)``).
+               contribution per parameter (each record's within ``sensitivity(clip)``);
+               ``per_sample_buffer(rows, width, like)`` may name a buffer to write them into.
 3. noise       ``noise(summed, release)`` -> the released sum per parameter (default: Gaussian noise of
                std ``noise_multiplier * sensitivity(clip)`` on every coordinate).
 4. update      ``update(released, release)`` applies the released sum to the model (default: divide
@@ -165,11 +166,13 @@ class DPBenchOptimizer(DPOptimizer):
         self.mechanism = mechanism
 
     # -- helpers (public, instead of Opacus' private ones) -------------------------------------
-    def take_per_sample_gradients(self, masks: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def take_per_sample_gradients(self, masks: list[torch.Tensor] | None = None, into: torch.Tensor | None = None
+                                  ) -> list[torch.Tensor]:
         """This chunk's per-sample gradients, one ``[n, *shape]`` tensor per parameter in its dtype; each chunk's
-        once. ``masks`` (one per parameter, 0/1) are applied first, as a data-independent sparsification."""
+        once. ``masks`` (one per parameter, 0/1) are applied first, as a data-independent sparsification. On the
+        fast path ``into`` (see ``Mechanism.per_sample_buffer``) receives them and the views of it are returned."""
         if self.fast is not None:
-            grads = self.fast.per_sample_gradients()
+            grads = self.fast.per_sample_gradients(into)
             return [g * m for g, m in zip(grads, masks)] if masks is not None else grads
         out = []
         for i, p in enumerate(self.params):
@@ -241,7 +244,10 @@ class DPBenchOptimizer(DPOptimizer):
             self.accumulate_weighted(lambda norms: mech.per_sample_weights(norms, clip), mech.sensitivity(clip),
                                      masks=mech.coordinate_masks())
         else:
-            self.add_to_sum(mech.transform(self.take_per_sample_gradients(), clip))
+            into = None
+            if self.fast is not None:
+                into = mech.per_sample_buffer(self.fast.examples, sum(p.numel() for p in self.params), self.params[0])
+            self.add_to_sum(mech.transform(self.take_per_sample_gradients(into=into), clip))
 
     def add_noise(self) -> None:
         if self.canary is not None:
@@ -378,6 +384,13 @@ class Mechanism:
 
     def coordinate_masks(self) -> list[torch.Tensor] | None:
         """``PerSample.NORMS``: data-independent 0/1 masks, one per parameter, applied before the norms."""
+        return None
+
+    def per_sample_buffer(self, rows: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``PerSample.GRADIENTS``: a row-major ``rows x width`` buffer (``like``'s dtype and device) that the
+        fast path writes the chunk's per-sample gradients into, each parameter's flattened in its own columns
+        in parameter order, so that ``transform`` gets views of it; None (the default): tensors of their own.
+        A buffer kept from chunk to chunk saves the fresh memory of a large model's per-sample gradients."""
         return None
 
     def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:

@@ -152,6 +152,24 @@ def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values.gather(1, columns_kept).abs(), columns_kept
 
 
+def laid_out_in(pieces: list[torch.Tensor], flat: torch.Tensor) -> bool:
+    """Whether ``pieces`` (each ``n x d_j``) are the consecutive column blocks of ``flat`` (``n x sum d_j``), so
+    that there is nothing to copy (also when n is 0). Strides of dimensions of size 1 are not compared."""
+    if sum(piece.shape[1] for piece in pieces) != flat.shape[1]:
+        return False
+    if flat.shape[0] == 0:
+        return True
+    offset = 0
+    for piece in pieces:
+        rows, columns = piece.shape
+        if columns and (piece.data_ptr() != flat.data_ptr() + offset * flat.element_size()
+                        or (rows > 1 and piece.stride(0) != flat.stride(0)) or (columns > 1 and piece.stride(1) != 1)
+                        or piece.dtype != flat.dtype or piece.device != flat.device):
+            return False
+        offset += columns
+    return True
+
+
 class GEDEncoder:
     """Per-example encoding of flattened gradients, vectorised over the batch (spec §1.2)."""
 
@@ -318,7 +336,7 @@ class GED(Mechanism):
         #: debug mode only: statistics against the clean encoded sum; never used by training.
         self.diagnostics: list[dict[str, float]] = []
         self._clean_sum: torch.Tensor | None = None
-        #: The flattened per-sample gradients' buffer, kept from chunk to chunk (see ``_flat_rows``).
+        #: The flattened per-sample gradients' buffer, kept from chunk to chunk (see ``per_sample_buffer``).
         self._rows: torch.Tensor | None = None
 
     # -- accounting ---------------------------------------------------------------------------------
@@ -363,24 +381,27 @@ class GED(Mechanism):
     def _split(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
         return [piece.view(shape).clone() for piece, shape in zip(flat.split([math.prod(s) for s in shapes]), shapes)]
 
-    def _flat_rows(self, b: int, d: int, like: torch.Tensor) -> torch.Tensor:
-        """A ``b x d`` buffer for the flattened per-sample gradients: the first rows of one kept between chunks.
+    def per_sample_buffer(self, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """The first ``rows`` rows of a buffer kept from chunk to chunk (replaced only by a wider or longer one).
 
-        Fresh memory of that size costs page faults on every touch (about 0.1 s per 160 MB on the CPU, as
-        much as copying into memory already mapped); the encoding leaves nothing in it that a later chunk reads.
+        Fresh memory of a b x d size costs page faults on every touch (about 0.1 s per 160 MB on the CPU, as
+        much as computing the per-sample gradients into memory already mapped); the encoding leaves nothing
+        in it that a later chunk reads.
         """
         buffer = self._rows
-        if buffer is None or buffer.shape[0] < b or buffer.shape[1] != d or buffer.dtype != like.dtype \
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != width or buffer.dtype != like.dtype \
                 or buffer.device != like.device:
-            buffer = self._rows = torch.empty((b, d), dtype=like.dtype, device=like.device)
-        return buffer[:b]
+            buffer = self._rows = torch.empty((rows, width), dtype=like.dtype, device=like.device)
+        return buffer[:rows]
 
     def transform(self, grads: list[torch.Tensor], clip: float) -> list[torch.Tensor]:
         """Encode each example's flattened gradient (spec §1.2) and sum: one example per encoded vector."""
         shapes = [g.shape[1:] for g in grads]
         # one row per example; reshape(len(g), -1) would be ambiguous for an empty batch
         pieces = [g.reshape(len(g), math.prod(shape)) for g, shape in zip(grads, shapes)]
-        flat = torch.cat(pieces, dim=1, out=self._flat_rows(len(grads[0]), sum(p.shape[1] for p in pieces), grads[0]))
+        flat = self.per_sample_buffer(len(grads[0]), sum(p.shape[1] for p in pieces), grads[0])
+        if not laid_out_in(pieces, flat):  # the fast path wrote them there already
+            torch.cat(pieces, dim=1, out=flat)
         return self._split(self._encoder(clip, flat.device)(flat, overwrite=True).sum(dim=0), shapes)
 
     def _noise_generator(self, release: DPBenchOptimizer) -> torch.Generator:

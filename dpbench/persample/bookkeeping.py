@@ -146,10 +146,16 @@ class BookKeeping(nn.Module):
                                       device=getattr(layer.module, name).device) for name in layer.names}
         return layer.rule.per_sample(layer.module, self._seen[index], n, self.copies)
 
-    def per_sample_gradients(self) -> list[Tensor]:
-        """Every trainable parameter's per-sample gradients ``[n, *shape]`` in ``trainable`` order; once per backward."""
+    def per_sample_gradients(self, into: Tensor | None = None) -> list[Tensor]:
+        """Every trainable parameter's per-sample gradients ``[n, *shape]`` in ``trainable`` order; once per backward.
+
+        With ``into`` (``[n, total size of the trainable parameters]``) they are written into it, each parameter's
+        flattened in its own columns side by side, and the views of it are returned.
+        """
         self._take()
         n = self.examples
+        if into is not None:
+            return self._written_into(into, n)
         cache: dict[int, dict[str, Tensor]] = {}
         out = []
         for index, name in self._owner:
@@ -158,6 +164,25 @@ class BookKeeping(nn.Module):
             out.append(cache[index][name])
         self._seen = {}
         return out
+
+    def _written_into(self, into: Tensor, n: int) -> list[Tensor]:
+        sizes = [p.numel() for p in self.trainable]
+        if tuple(into.shape) != (n, sum(sizes)) or into.stride(1) != 1:
+            raise ValueError(f"per-sample gradients of {n} examples need a row-major [{n}, {sum(sizes)}] buffer, "
+                             f"got {tuple(into.shape)} with strides {into.stride()}")
+        views = [block.view(n, *p.shape) for block, p in zip(into.split(sizes, dim=1), self.trainable)]
+        by_layer: dict[int, dict[str, Tensor]] = {}
+        for (index, name), view in zip(self._owner, views):
+            by_layer.setdefault(index, {})[name] = view
+        for index, out in by_layer.items():
+            if index in self._seen and n:
+                layer = self._layers[index]
+                layer.rule.per_sample_into(layer.module, self._seen[index], n, self.copies, out)
+            else:
+                for view in out.values():
+                    view.zero_()
+        self._seen = {}
+        return views
 
     def _norms(self, n: int, masks: list[Tensor] | None = None
                ) -> tuple[Tensor, dict[int, Ghost], dict[int, dict[str, Tensor]]]:

@@ -51,6 +51,12 @@ class LayerRule:
         """Materialised per-sample gradients ``[n, *shape]`` of the module's trainable parameters."""
         raise NotImplementedError
 
+    def per_sample_into(self, module: nn.Module, seen: Captured, n: int, copies: int, out: dict[str, Tensor]) -> None:
+        """``per_sample`` written into ``out`` (one ``[n, *shape]`` tensor per trainable parameter, often a view
+        of a larger buffer); a rule overrides it where it can compute in place."""
+        for name, grads in self.per_sample(module, seen, n, copies).items():
+            out[name].copy_(grads)
+
     def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int,
               masks: dict[str, Tensor] | None = None) -> "Ghost | None":
         """Norms and weighted sums without materialising, where this rule can and it is cheaper; else None.
@@ -121,6 +127,18 @@ class LinearRule(LayerRule):
         a, g = self._stacked(module, seen, n)
         grads = _sequence_linear(a, g, copies, bias="bias" in _trainable(module, self.param_names))
         return {name: grads[name] for name in _trainable(module, self.param_names)}
+
+    def per_sample_into(self, module: nn.Module, seen: Captured, n: int, copies: int, out: dict[str, Tensor]) -> None:
+        a, g = self._stacked(module, seen, n)
+        if a.shape[1] != 1:
+            super().per_sample_into(module, seen, n, copies, out)
+            return
+        # one row per example (so one copy): the batched product's sum has one term, the outer product g a^T,
+        # which a broadcast multiply writes in place with the same floats and without a fresh n x o x i tensor
+        if "weight" in out:
+            torch.mul(g.transpose(1, 2), a, out=out["weight"])
+        if "bias" in out:
+            out["bias"].copy_(g.sum(1))
 
     def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int,
               masks: dict[str, Tensor] | None = None) -> Ghost | None:

@@ -172,6 +172,39 @@ def test_transform_reuses_one_buffer_between_chunks_and_encodes_each_as_a_fresh_
     assert mech._rows.shape == (48, D) and "_rows" in GED.transient  # never written into a checkpoint
 
 
+def test_ged_trains_the_same_whether_the_fast_path_writes_into_its_buffer_or_not(monkeypatch):
+    import dataclasses
+
+    from dpbench.config import resolve
+    from dpbench.data import load_dataset
+    from dpbench.engine import train
+    from dpbench.persample.bookkeeping import BookKeeping
+
+    cfg = dataclasses.replace(resolve({"mech": "ged", "dataset": "synthetic", "eps": 3.0, "steps": 4, "seed": 0,
+                                       "batch_size": 48, "mech_params": {"k": 8, "codebook_rows": 4}}),
+                              physical_batch_size=24, grad_sample="fast")
+    in_place = []
+    laid_out_in = ged.laid_out_in
+    monkeypatch.setattr(ged, "laid_out_in", lambda pieces, flat: in_place.append(laid_out_in(pieces, flat))
+                        or in_place[-1])
+
+    def trained() -> torch.Tensor:
+        mech = GED(**cfg.mech_params)
+        mech.bind(batch_size=cfg.batch_size, clip=cfg.clip)
+        out = train(cfg, mech, load_dataset("synthetic"), 1.0, 4, torch.device("cpu"), show_progress=False)
+        assert out.grad_sample == "fast" and any(m > 0 for m, _ in mech.denoise_history)  # steps were taken
+        return torch.cat([p.detach().flatten() for p in out.model.parameters()])
+
+    written = trained()
+    assert in_place and all(in_place)  # every chunk's gradients were written where the encoding reads them
+    own = BookKeeping.per_sample_gradients
+    monkeypatch.setattr(BookKeeping, "per_sample_gradients", lambda self, into=None: own(self))
+    in_place.clear()
+    copied = trained()
+    assert in_place and not any(in_place)  # tensors of their own, concatenated into the buffer
+    assert torch.equal(written, copied)
+
+
 def test_encoded_vectors_lie_in_the_sensitivity_set(codebook):
     torch.manual_seed(0)
     enc = GEDEncoder(float32_below(codebook), K, clip=1.0, kappa=4.0)

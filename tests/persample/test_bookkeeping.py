@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -168,6 +169,34 @@ def test_every_model_of_the_zoo_matches_the_reference(name, copies):
     y = torch.arange(3 * copies) % 2
     expected, fast = _reference_and_fast(model, x, y, copies)
     _check_equal(expected, fast, x, y)
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_per_sample_gradients_written_into_a_buffer_are_the_same_floats_in_its_columns(layer, copies):
+    torch.manual_seed(2)
+    build, inputs = LAYERS[layer]
+    x, model = inputs(5 * copies), build()
+    y = torch.randint(0, 3, (5 * copies,))
+    fast = BookKeeping(model, copies=copies)
+    nn.functional.cross_entropy(fast(x), y).backward()
+    own = fast.per_sample_gradients()
+    nn.functional.cross_entropy(fast(x), y).backward()
+    buffer = torch.full((5, sum(p.numel() for p in model.parameters())), math.nan)
+    written = fast.per_sample_gradients(into=buffer)
+    assert all(torch.equal(w, o) for w, o in zip(written, own))  # linear layers in place: the same floats
+    assert torch.equal(buffer, torch.cat([o.reshape(5, -1) for o in own], dim=1))  # every column, in order
+    offsets = [0, *itertools.accumulate(p.numel() for p in model.parameters())][:-1]
+    assert [w.data_ptr() for w in written] == [buffer[:, o].data_ptr() for o in offsets]  # views of the buffer
+
+
+def test_a_buffer_of_the_wrong_shape_is_refused_and_an_empty_chunk_leaves_nothing_to_write():
+    fast = BookKeeping(LAYERS["linear"][0]())  # 12 x 3 weights and 3 biases: 39 per example
+    nn.functional.cross_entropy(fast(torch.randn(4, 3, 4)), torch.zeros(4, dtype=torch.long)).backward()
+    with pytest.raises(ValueError, match=r"row-major \[4, 39\] buffer, got \(4, 40\)"):
+        fast.per_sample_gradients(into=torch.zeros(4, 40))
+    fast.empty()
+    assert [tuple(g.shape) for g in fast.per_sample_gradients(into=torch.zeros(0, 39))] == [(0, 3, 12), (0, 3)]
 
 
 def test_an_embeddings_padding_row_gets_no_gradient_as_in_autograd():
