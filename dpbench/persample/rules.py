@@ -52,10 +52,11 @@ class LayerRule:
         raise NotImplementedError
 
     def per_sample_into(self, module: nn.Module, seen: Captured, n: int, copies: int, out: dict[str, Tensor]) -> None:
-        """``per_sample`` written into ``out`` (one ``[n, *shape]`` tensor per trainable parameter, often a view
-        of a larger buffer); a rule overrides it where it can compute in place."""
+        """``per_sample`` written into ``out`` (a ``[n, *shape]`` tensor per parameter name, often a view of a
+        larger buffer; names not in it are not written); a rule overrides it where it can compute in place."""
         for name, grads in self.per_sample(module, seen, n, copies).items():
-            out[name].copy_(grads)
+            if name in out:
+                out[name].copy_(grads)
 
     def ghost(self, module: nn.Module, seen: Captured, n: int, copies: int,
               masks: dict[str, Tensor] | None = None) -> "Ghost | None":
