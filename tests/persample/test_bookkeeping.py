@@ -171,23 +171,35 @@ def test_every_model_of_the_zoo_matches_the_reference(name, copies):
     _check_equal(expected, fast, x, y)
 
 
+def _check_written_into_a_buffer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, copies: int) -> None:
+    n = len(y) // copies
+    fast = BookKeeping(model, copies=copies)
+    nn.functional.cross_entropy(fast(x), y).backward()
+    own = fast.per_sample_gradients()
+    nn.functional.cross_entropy(fast(x), y).backward()
+    buffer = torch.full((n, sum(p.numel() for p in model.parameters())), math.nan)
+    written = fast.per_sample_gradients(into=buffer)
+    assert all(torch.equal(w, o) for w, o in zip(written, own))  # linear layers in place: the same floats
+    assert torch.equal(buffer, torch.cat([o.reshape(n, -1) for o in own], dim=1))  # every column, in order
+    offsets = [0, *itertools.accumulate(p.numel() for p in model.parameters())][:-1]
+    assert [w.data_ptr() for w in written] == [buffer[:, o].data_ptr() for o in offsets]  # views of the buffer
+
+
 @pytest.mark.parametrize("copies", [1, 2])
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_per_sample_gradients_written_into_a_buffer_are_the_same_floats_in_its_columns(layer, copies):
     torch.manual_seed(2)
     build, inputs = LAYERS[layer]
     x, model = inputs(5 * copies), build()
-    y = torch.randint(0, 3, (5 * copies,))
-    fast = BookKeeping(model, copies=copies)
-    nn.functional.cross_entropy(fast(x), y).backward()
-    own = fast.per_sample_gradients()
-    nn.functional.cross_entropy(fast(x), y).backward()
-    buffer = torch.full((5, sum(p.numel() for p in model.parameters())), math.nan)
-    written = fast.per_sample_gradients(into=buffer)
-    assert all(torch.equal(w, o) for w, o in zip(written, own))  # linear layers in place: the same floats
-    assert torch.equal(buffer, torch.cat([o.reshape(5, -1) for o in own], dim=1))  # every column, in order
-    offsets = [0, *itertools.accumulate(p.numel() for p in model.parameters())][:-1]
-    assert [w.data_ptr() for w in written] == [buffer[:, o].data_ptr() for o in offsets]  # views of the buffer
+    _check_written_into_a_buffer(model, x, torch.randint(0, 3, (5 * copies,)), copies)
+
+
+@pytest.mark.parametrize("copies", [1, 2])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_of_the_zoo_writes_the_same_floats_into_a_buffer(name, copies):
+    torch.manual_seed(2)
+    model, x, _ = _example(name, batch=3 * copies)
+    _check_written_into_a_buffer(model, x, torch.arange(3 * copies) % 2, copies)
 
 
 def test_a_buffer_of_the_wrong_shape_is_refused_and_an_empty_chunk_leaves_nothing_to_write():
