@@ -106,26 +106,38 @@ def _candidates(magnitude_bits: np.ndarray, threshold: np.ndarray) -> tuple[np.n
 def _top_k_columns(magnitude_bits: np.ndarray, k: int) -> np.ndarray:
     """The columns of each row's k largest magnitudes (by their bits), largest first, ties by column.
 
-    Where d >= FILTER_FROM * k only the candidates at or above a per-row threshold are keyed and sorted: the
-    threshold is the magnitude that about ``CANDIDATE_MARGIN * k`` entries reach, estimated from a sample
-    of columns. Every entry left out is smaller than every candidate, so while each row keeps at least k
-    candidates their k smallest keys are the whole row's. A block with a row that keeps fewer (the sample
-    missed), or whose threshold would be 0 (a row mostly of zeros, as an embedding's gradient), is keyed
-    whole; the latter is known from the sample's non-zeros, before a partition (slow on many equal values).
+    Where d >= FILTER_FROM * k only candidates are keyed and sorted, row by row: in a row whose sample of
+    columns has enough non-zeros, the entries at or above the magnitude that about ``CANDIDATE_MARGIN * k``
+    entries reach (estimated from the sample); in a sparser row (an embedding's gradient, a saturated
+    example's zero or one-class gradient), its non-zeros. Every entry left out is smaller than every
+    candidate, so while a row keeps at least k candidates its k smallest keys are the whole row's; a sparse
+    row with fewer non-zeros than k is completed by its zeros in column order (their keys' order); a row
+    whose sampled threshold kept fewer than k (the sample missed) is keyed whole. The sparse rows are known
+    from the sample's non-zeros, before the threshold's partition (slow on many equal values).
     """
     n, d = magnitude_bits.shape
-    if d >= FILTER_FROM * k:
-        sample = np.take(magnitude_bits, threshold_sample_columns(d), axis=1)
-        rank = min(sample.shape[1], math.ceil(CANDIDATE_MARGIN * k * sample.shape[1] / d))
-        if np.count_nonzero(sample, axis=1).min() >= rank:  # so every row's threshold is above 0
-            threshold = np.partition(sample, sample.shape[1] - rank, axis=1)[:, sample.shape[1] - rank]
-            flat, rows, columns, counts = _candidates(magnitude_bits, threshold)
-            if counts.min() >= k:
-                starts = np.cumsum(counts) - counts
-                keys = np.full((n, int(counts.max())), np.iinfo(np.uint64).max, dtype=np.uint64)  # padding last
-                keys[rows, np.arange(flat.size) - starts[rows]] = _keys(magnitude_bits.reshape(-1)[flat], columns)
-                return _smallest_keys_columns(keys, k)
-    return _smallest_keys_columns(_keys(magnitude_bits, np.arange(d, dtype=np.uint64)), k)
+    if d < FILTER_FROM * k:
+        return _smallest_keys_columns(_keys(magnitude_bits, np.arange(d, dtype=np.uint64)), k)
+    sample = np.take(magnitude_bits, threshold_sample_columns(d), axis=1)
+    rank = min(sample.shape[1], math.ceil(CANDIDATE_MARGIN * k * sample.shape[1] / d))
+    dense = np.count_nonzero(sample, axis=1) >= rank  # so the sampled threshold is above 0
+    threshold = np.ones(n, dtype=magnitude_bits.dtype)  # a sparse row's candidates: its non-zeros
+    if dense.all():
+        threshold = np.partition(sample, sample.shape[1] - rank, axis=1)[:, sample.shape[1] - rank]
+    elif dense.any():
+        threshold[dense] = np.partition(sample[dense], sample.shape[1] - rank, axis=1)[:, sample.shape[1] - rank]
+    flat, rows, columns, counts = _candidates(magnitude_bits, threshold)
+    starts = np.cumsum(counts) - counts
+    keys = np.full((n, max(int(counts.max()), k)), np.iinfo(np.uint64).max, dtype=np.uint64)  # padding last
+    keys[rows, np.arange(flat.size) - starts[rows]] = _keys(magnitude_bits.reshape(-1)[flat], columns)
+    for row in np.flatnonzero(~dense & (counts < k)):
+        zeros = np.flatnonzero(magnitude_bits[row] == 0)[:k - counts[row]]
+        keys[row, counts[row]:k] = _keys(np.zeros(zeros.size, dtype=magnitude_bits.dtype), zeros)
+    top = _smallest_keys_columns(keys, k)
+    missed = dense & (counts < k)
+    if missed.any():
+        top[missed] = _smallest_keys_columns(_keys(magnitude_bits[missed], np.arange(d, dtype=np.uint64)), k)
+    return top
 
 
 def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

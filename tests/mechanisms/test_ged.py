@@ -77,17 +77,30 @@ def sparse_grads(b: int, d: int, nonzero: int, seed: int, zero_row: bool = False
     return x
 
 
-def keyed_widths(monkeypatch) -> list[int]:
-    """The number of keys per row that each block of ``top_k_magnitudes`` partitions and sorts."""
-    widths: list[int] = []
+def saturated_linear_grads(b: int, classes: int, features: int, seed: int) -> torch.Tensor:
+    """``linear_layer_grads`` of a saturated softmax: every third example's gradient is 0, every other third's
+    has one class left (``features + 1`` non-zeros), as after a large step size."""
+    x = linear_layer_grads(b, classes, features, seed).reshape(b, -1)
+    weights, biases = x[:, :classes * features].reshape(b, classes, features), x[:, classes * features:]
+    for row in range(b):
+        kept = {0: [], 1: [row % classes]}.get(row % 3, range(classes))
+        for c in set(range(classes)) - set(kept):
+            weights[row, c] = 0.0
+            biases[row, c] = 0.0
+    return x
+
+
+def keyed_shapes(monkeypatch) -> list[tuple[int, int]]:
+    """(rows, keys per row) of every set of keys that ``top_k_magnitudes`` partitions and sorts."""
+    shapes: list[tuple[int, int]] = []
     original = ged._smallest_keys_columns
 
     def spy(keys: np.ndarray, k: int) -> np.ndarray:
-        widths.append(keys.shape[1])
+        shapes.append(keys.shape)
         return original(keys, k)
 
     monkeypatch.setattr(ged, "_smallest_keys_columns", spy)
-    return widths
+    return shapes
 
 
 def by_column(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,32 +109,37 @@ def by_column(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ordered.values[:, :k], ordered.indices[:, :k]
 
 
-@pytest.mark.parametrize("x,k,filtered", [(linear_layer_grads(9, 10, 4800, 7), 4000, True),
-                                          (linear_layer_grads(3, 10, 480, 8), 1, True),
-                                          (heavy_grads(5, 40000, 11), 5000, True),
-                                          (sparse_grads(6, 20000, 3000, 10), 1000, True),
-                                          (sparse_grads(6, 20000, 3000, 10, zero_row=True), 1000, False),
-                                          (sparse_grads(6, 2000, 30, 9), 100, False)])
-def test_top_k_magnitudes_filtered_by_a_threshold_equal_a_sort_of_the_whole_row(monkeypatch, x, k, filtered):
-    # d >= FILTER_FROM * k: only candidates at or above a sampled threshold are sorted (sizes where the
-    # sample's estimate is within a few standard deviations), except in a block with a row of fewer than
-    # ~1.25 k non-zeros (threshold 0; an all-zero row too), which is keyed whole
-    widths = keyed_widths(monkeypatch)
+@pytest.mark.parametrize("x,k", [(linear_layer_grads(9, 10, 4800, 7), 4000),
+                                 (linear_layer_grads(3, 10, 480, 8), 1),
+                                 (heavy_grads(5, 40000, 11), 5000),
+                                 (sparse_grads(6, 20000, 3000, 10), 1000),
+                                 (sparse_grads(6, 20000, 3000, 10, zero_row=True), 1000),
+                                 (sparse_grads(6, 20000, 1100, 13), 1000),
+                                 (sparse_grads(6, 2000, 30, 9), 100),
+                                 (saturated_linear_grads(12, 10, 4800, 14), 4000)])
+def test_top_k_magnitudes_filtered_by_a_threshold_equal_a_sort_of_the_whole_row(monkeypatch, x, k):
+    # d >= FILTER_FROM * k: only candidates are sorted, the entries at or above a sampled threshold (sizes where
+    # the sample's estimate is within a few standard deviations) or, in a row of fewer than ~1.25 k non-zeros,
+    # its non-zeros (with the first zeros where they are fewer than k: an all-zero row too), never a whole row
+    shapes = keyed_shapes(monkeypatch)
     mags, cols = top_k_magnitudes(x, k)
     assert torch.equal(mags, x.abs().topk(k, dim=1, sorted=True).values)
     expected = by_column(x, k)
     assert torch.equal(mags, expected[0]) and torch.equal(cols, expected[1])
-    assert widths and all((w < x.shape[1]) == filtered for w in widths)
+    assert shapes and all(width < x.shape[1] for _, width in shapes)
 
 
 @pytest.mark.parametrize("margin", [0.3, 0.9])
-def test_top_k_magnitudes_key_a_whole_block_when_a_threshold_kept_fewer_than_k(monkeypatch, margin):
+def test_top_k_magnitudes_key_a_whole_row_when_its_threshold_kept_fewer_than_k(monkeypatch, margin):
     monkeypatch.setattr(ged, "CANDIDATE_MARGIN", margin)  # below 1: rows keep fewer than k candidates
     monkeypatch.setattr(ged, "TOP_K_BLOCK", 4 * 4810)  # blocks of 4 rows of 4,810 columns
-    x = linear_layer_grads(40, 10, 480, 12)
-    widths = keyed_widths(monkeypatch)
+    x = torch.cat([linear_layer_grads(40, 10, 480, 12), saturated_linear_grads(8, 10, 480, 15)])
+    shapes = keyed_shapes(monkeypatch)
     mags, cols = top_k_magnitudes(x, 400)
-    assert len(widths) == 10 and x.shape[1] in widths, "no block fell short of k, so that path was not tested"
+    whole = [rows for rows, width in shapes if width == x.shape[1]]
+    assert whole, "no row fell short of k, so that path was not tested"
+    if margin == 0.9:
+        assert min(whole) < 4  # only the rows that fell short, not their block
     expected = by_column(x, 400)
     assert torch.equal(mags, expected[0]) and torch.equal(cols, expected[1])
 
