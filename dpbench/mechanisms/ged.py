@@ -57,7 +57,7 @@ TOP_K_BLOCK = 1 << 22
 
 #: Candidates per row that ``top_k_magnitudes`` aims to keep before its sort, as a multiple of k: the
 #: threshold comes from a sample of the columns, and 1.25 k is about eight standard deviations above k
-#: at k = 14,000 (a block with a row that falls short is keyed whole, so the margin costs speed only).
+#: at k = 14,000 (a row that falls short is keyed whole, so the margin costs speed only).
 CANDIDATE_MARGIN = 1.25
 #: Every how many columns, on average, one enters the sample that sets the threshold.
 THRESHOLD_SAMPLE_EVERY = 16
@@ -122,9 +122,7 @@ def _top_k_columns(magnitude_bits: np.ndarray, k: int) -> np.ndarray:
     rank = min(sample.shape[1], math.ceil(CANDIDATE_MARGIN * k * sample.shape[1] / d))
     dense = np.count_nonzero(sample, axis=1) >= rank  # so the sampled threshold is above 0
     threshold = np.ones(n, dtype=magnitude_bits.dtype)  # a sparse row's candidates: its non-zeros
-    if dense.all():
-        threshold = np.partition(sample, sample.shape[1] - rank, axis=1)[:, sample.shape[1] - rank]
-    elif dense.any():
+    if dense.any():
         threshold[dense] = np.partition(sample[dense], sample.shape[1] - rank, axis=1)[:, sample.shape[1] - rank]
     flat, rows, columns, counts = _candidates(magnitude_bits, threshold)
     starts = np.cumsum(counts) - counts
@@ -149,7 +147,7 @@ def top_k_magnitudes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     bits (non-negative floats order like their bits) above its column, and numpy's vectorised partition
     and sort of those keys gives the columns, whose magnitudes are gathered (results/perf/ged_topk_cpu.md).
     A magnitude's bits are the entry's with the sign bit cleared (exactly what ``abs`` gives), so no b x d
-    buffer of magnitudes is made; where d is large next to k only the entries above a threshold are keyed.
+    buffer of magnitudes is made; where d is large next to k only each row's candidates are keyed.
     """
     b, d = x.shape
     if x.device.type != "cpu" or x.dtype != torch.float32 or k == 0 or d >= 1 << 32:
