@@ -81,26 +81,20 @@ sensitivity-fmnist-cnn_tanh-dpsgd-eps1: install
 		> results/sensitivity/fmnist-cnn_tanh-dpsgd-eps1/paired.md
 .PHONY: sensitivity-fmnist-cnn_tanh-dpsgd-eps1
 
-# DP-SGD with RS's and DPIS's tuned recipe on CIFAR-10 scatter_linear (they drew the same batch, step size and
-# clip): how much of their lead over DP-SGD's own recipe is the recipe's; paired with every row of the pair.
-SENS_C10_RS := results/sensitivity/cifar10-scatter_linear-dpsgd-rs-recipe
-sensitivity-cifar10-scatter_linear-dpsgd-rs-recipe: install
-	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/cifar10-scatter_linear-dpsgd-rs-recipe.toml --jobs 2
-	$(VENV)/bin/dpbench report $(SENS_C10_RS)/runs.csv -o $(SENS_C10_RS)/report.md \
-		--title "dpbench sensitivity check: DP-SGD with RS's and DPIS's recipe, CIFAR-10 scatter_linear"
+# DP-SGD with the recipe other mechanisms were tuned to on CIFAR-10 scatter_linear (RS and DPIS drew one, Auto-S
+# and PSAC another): how much of their lead over DP-SGD's own recipe is the recipe's; paired with every row of the pair.
+SENS_C10_WHOSE_rs := RS's and DPIS's
+SENS_C10_WHOSE_auto_s := Auto-S's and PSAC's
+SENS_C10_TARGETS := sensitivity-cifar10-scatter_linear-dpsgd-rs-recipe sensitivity-cifar10-scatter_linear-dpsgd-auto_s-recipe
+$(SENS_C10_TARGETS): sensitivity-cifar10-scatter_linear-dpsgd-%-recipe: install
+	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/$(@:sensitivity-%=%).toml --jobs 2
+	$(VENV)/bin/dpbench report results/sensitivity/$(@:sensitivity-%=%)/runs.csv \
+		-o results/sensitivity/$(@:sensitivity-%=%)/report.md \
+		--title "dpbench sensitivity check: DP-SGD with $(SENS_C10_WHOSE_$*) recipe, CIFAR-10 scatter_linear"
 	@for e in 1 2 4 8; do $(PY) benchmarks/paired_to_baseline.py results/benchmark/cifar10-scatter_linear/runs.csv \
-		--eps $$e --baseline $(SENS_C10_RS)/runs.csv && echo; done > $(SENS_C10_RS)/paired.md
-.PHONY: sensitivity-cifar10-scatter_linear-dpsgd-rs-recipe
-
-# The same with Auto-S's and PSAC's recipe (they drew the same batch, step size and clip).
-SENS_C10_AUTO_S := results/sensitivity/cifar10-scatter_linear-dpsgd-auto_s-recipe
-sensitivity-cifar10-scatter_linear-dpsgd-auto_s-recipe: install
-	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/cifar10-scatter_linear-dpsgd-auto_s-recipe.toml --jobs 2
-	$(VENV)/bin/dpbench report $(SENS_C10_AUTO_S)/runs.csv -o $(SENS_C10_AUTO_S)/report.md \
-		--title "dpbench sensitivity check: DP-SGD with Auto-S's and PSAC's recipe, CIFAR-10 scatter_linear"
-	@for e in 1 2 4 8; do $(PY) benchmarks/paired_to_baseline.py results/benchmark/cifar10-scatter_linear/runs.csv \
-		--eps $$e --baseline $(SENS_C10_AUTO_S)/runs.csv && echo; done > $(SENS_C10_AUTO_S)/paired.md
-.PHONY: sensitivity-cifar10-scatter_linear-dpsgd-auto_s-recipe
+		--eps $$e --baseline results/sensitivity/$(@:sensitivity-%=%)/runs.csv && echo; done \
+		> results/sensitivity/$(@:sensitivity-%=%)/paired.md
+.PHONY: $(SENS_C10_TARGETS)
 
 # ModelMix's ScatterNet claim check again at lr 4 (no momentum): the long-run step of the paper's lr 0.4 with
 # momentum 0.9; its rows pair with the claim check's DP-SGD rows in one report.
