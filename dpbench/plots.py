@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dpbench.style import mech_colour, mech_marker  # noqa: E402
+from dpbench.style import mech_colour, mech_marker, save_png_and_svg  # noqa: E402
 from dpbench.tables import DATASET_TITLES, horizon_label, load_published, shown_configurations, summarize  # noqa: E402,E501
 
 #: Markers of published reference points, one per model family.
@@ -121,10 +121,6 @@ def save_plot(df: pd.DataFrame, out_png: str | Path, *, with_published: bool = F
               title: str | None = None) -> list[Path]:
     """Write the figure as PNG and SVG; returns both paths."""
     fig = plot_results(df, published=load_published() if with_published else None, log_eps=log_eps, title=title)
-    png = Path(out_png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    svg = png.with_suffix(".svg")
-    fig.savefig(png, dpi=200, bbox_inches="tight")
-    fig.savefig(svg, bbox_inches="tight")
+    paths = save_png_and_svg(fig, out_png)
     plt.close(fig)
-    return [png, svg]
+    return paths

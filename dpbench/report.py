@@ -223,14 +223,36 @@ def headline_markdown(cells: pd.DataFrame) -> list[str]:
     return lines
 
 
-def headline_legend(cells: pd.DataFrame) -> str:
+def _horizons(cells: pd.DataFrame) -> pd.Series:
+    """Each mechanism's epochs, e.g. '20/40' where its cells trained for different horizons."""
     # a step-counted run has fractional epochs (800 steps of 8192 of 60,000 = 109.2266...): four digits
-    horizons = cells.groupby("mech")["epochs"].agg(
+    return cells.groupby("mech")["epochs"].agg(
         lambda e: "/".join(f"{x:g}" for x in sorted({float(f"{epochs:.4g}") for epochs in e.dropna()})))
-    return ("Test accuracy in %, mean ± sample std over seeds (3 unless (n=k) says otherwise); bold: the best "
+
+
+def _pair_horizons(cells: pd.DataFrame) -> str:
+    """'dpsgd, ged 10; nonprivate 20; ...': mechanisms grouped by their horizon, shortest first."""
+    by_horizon: dict[str, list[str]] = {}
+    for mech, horizon in _horizons(cells).items():
+        if horizon:
+            by_horizon.setdefault(horizon, []).append(str(mech))
+    order = sorted(by_horizon, key=lambda h: [float(x) for x in h.split("/")])
+    return "; ".join(f"{', '.join(by_horizon[h])} {h}" for h in order)
+
+
+def headline_legend(cells: pd.DataFrame) -> str:
+    """The headline's caption: what a cell shows and every mechanism's horizon (per pair where several)."""
+    text = ("Test accuracy in %, mean ± sample std over seeds (3 unless (n=k) says otherwise); bold: the best "
             "private mean of its column; † several configurations ran for this cell, the one with the most seeds "
-            "(then the best mean) is shown. Epochs per mechanism: "
-            + ", ".join(f"{m} {h}" for m, h in horizons.items() if h) + ".")
+            "(then the best mean) is shown. ")
+    pairs = cells.groupby(["dataset", "model"], sort=True) if {"dataset", "model"} <= set(cells.columns) else None
+    if pairs is None or pairs.ngroups < 2:
+        return text + "Epochs per mechanism: " + ", ".join(
+            f"{m} {h}" for m, h in _horizons(cells).items() if h) + "."
+    # one list across pairs ('dpsgd 10/12/40') would not say which pair trained how long
+    return text + "Epochs per pair: " + ". ".join(
+        f"{DATASET_TITLES.get(dataset, dataset)} {model}: {_pair_horizons(part)}"
+        for (dataset, model), part in pairs) + "."
 
 
 def build_report(df: pd.DataFrame, *, title: str = "dpbench report", with_published: bool = True,

@@ -7,6 +7,8 @@ other name (a plugin) gets a colour and marker derived from its name, stable acr
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
+from typing import Any
 
 #: Okabe-Ito colours (distinguishable with colour-vision deficiency), brown for the eighth mechanism and grey for
 #: the non-private control.
@@ -37,4 +39,21 @@ def mech_marker(mech: str) -> str:
     return _SPARE_MARKERS[zlib.crc32(mech.encode()) // 7 % len(_SPARE_MARKERS)]
 
 
-__all__ = ["mech_colour", "mech_marker"]
+def save_png_and_svg(fig: Any, png: str | Path) -> list[Path]:
+    """Write ``fig`` as PNG and SVG beside it; the same figure gives the same bytes on every call.
+
+    Matplotlib stamps SVGs with the date and random element ids, so a committed figure redrawn from
+    unchanged rows would otherwise show a diff; a fixed salt and no date keep it byte-identical.
+    """
+    import matplotlib
+
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    svg = png.with_suffix(".svg")
+    fig.savefig(png, dpi=200, bbox_inches="tight")
+    with matplotlib.rc_context({"svg.hashsalt": "dpbench"}):
+        fig.savefig(svg, bbox_inches="tight", metadata={"Date": None})
+    return [png, svg]
+
+
+__all__ = ["mech_colour", "mech_marker", "save_png_and_svg"]

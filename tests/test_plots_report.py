@@ -13,7 +13,7 @@ from matplotlib.container import ErrorbarContainer
 from typer.testing import CliRunner
 
 from dpbench.cli import app
-from dpbench.plots import plot_results
+from dpbench.plots import plot_results, save_plot
 from dpbench.report import (build_csv, build_latex, build_report, cell_table, confidence_interval, group_means,
                             headline_frame, headline_legend, headline_table, paired_difference)
 from dpbench.style import mech_colour, mech_marker
@@ -242,3 +242,30 @@ def test_plot_keeps_colours_across_figures_opens_single_seeds_and_never_joins_ho
     colour = lambda f, label: next(c for c in f.axes[0].containers if c.get_label() == label).lines[0].get_color()  # noqa: E731
     assert colour(fig, "dpis (1 ep)") == colour(only_dpis, "dpis (1 ep)") == mech_colour("dpis")
     assert mech_colour("dpis") != mech_colour("dpsgd") and mech_marker("dpis") != mech_marker("dpsgd")
+
+
+def test_a_headline_of_several_pairs_gives_the_horizons_of_each_pair():
+    cells = pd.DataFrame({"dataset": ["mnist", "mnist", "mnist", "cifar10", "cifar10", "cifar10"],
+                          "model": ["cnn_tanh"] * 3 + ["scatter_linear"] * 3,
+                          "mech": ["dpsgd", "ged", "ged", "dpsgd", "ged", "psac"],
+                          "epochs": [40.0, 20.0, 40.0, 10.0, 10.0, 40.0]})
+    legend = headline_legend(cells)
+    assert ("Epochs per pair: CIFAR-10 scatter_linear: dpsgd, ged 10; psac 40. "
+            "MNIST cnn_tanh: ged 20/40; dpsgd 40.") in legend
+    assert "Epochs per mechanism" not in legend
+    # a single pair keeps the short form
+    assert "Epochs per mechanism: dpsgd 10, ged 10, psac 40." in headline_legend(cells[cells.dataset == "cifar10"])
+
+
+def test_a_figure_redrawn_from_the_same_rows_is_byte_identical(tmp_path):
+    df = fixture_csv(tmp_path / "r.csv")
+    first = save_plot(df, tmp_path / "a" / "plot.png", with_published=True)
+    second = save_plot(df, tmp_path / "b" / "plot.png", with_published=True)
+    assert [p.suffix for p in first] == [".png", ".svg"]
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    svg = first[1].read_text()
+    assert "<dc:date>" not in svg and "<svg" in svg
+    # the same rows with one accuracy changed must not give the same figure
+    changed = save_plot(df.assign(test_acc=df.test_acc.where(df.index != 0, 0.5)), tmp_path / "c" / "plot.png")
+    assert changed[1].read_bytes() != save_plot(df, tmp_path / "d" / "plot.png")[1].read_bytes()

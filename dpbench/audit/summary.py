@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dpbench.style import mech_colour, mech_marker  # noqa: E402
+from dpbench.style import mech_colour, mech_marker, save_png_and_svg  # noqa: E402
 
 #: Columns an audit CSV has and a results CSV lacks.
 AUDIT_COLUMNS = ("eps_claimed", "eps_lower_bound", "threat_model")
@@ -52,9 +52,6 @@ def plot_audit_summary(df: pd.DataFrame, *, title: str | None = None) -> plt.Fig
 
 def save_audit_summary(df: pd.DataFrame, out_png: str | Path, *, title: str | None = None) -> list[Path]:
     fig = plot_audit_summary(df, title=title)
-    png = Path(out_png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=200, bbox_inches="tight")
-    fig.savefig(png.with_suffix(".svg"), bbox_inches="tight")
+    paths = save_png_and_svg(fig, out_png)
     plt.close(fig)
-    return [png, png.with_suffix(".svg")]
+    return paths
