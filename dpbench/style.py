@@ -2,6 +2,7 @@
 
 Built-in mechanisms have fixed entries, so a figure with three mechanisms and one with nine agree; any
 other name (a plugin) gets a colour and marker derived from its name, stable across runs and figures.
+Figures are written as PNG and SVG by one function, so a redrawn figure is byte-identical to the last.
 """
 
 from __future__ import annotations
