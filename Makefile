@@ -86,14 +86,15 @@ sensitivity-fmnist-cnn_tanh-dpsgd-eps1: install
 SENS_C10_WHOSE_rs := RS's and DPIS's
 SENS_C10_WHOSE_auto_s := Auto-S's and PSAC's
 SENS_C10_TARGETS := sensitivity-cifar10-scatter_linear-dpsgd-rs-recipe sensitivity-cifar10-scatter_linear-dpsgd-auto_s-recipe
+SENS_C10_CHECK = cifar10-scatter_linear-dpsgd-$*-recipe
 $(SENS_C10_TARGETS): sensitivity-cifar10-scatter_linear-dpsgd-%-recipe: install
-	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/$(@:sensitivity-%=%).toml --jobs 2
-	$(VENV)/bin/dpbench report results/sensitivity/$(@:sensitivity-%=%)/runs.csv \
-		-o results/sensitivity/$(@:sensitivity-%=%)/report.md \
+	$(VENV)/bin/dpbench sweep benchmarks/sensitivity/$(SENS_C10_CHECK).toml --jobs 2
+	$(VENV)/bin/dpbench report results/sensitivity/$(SENS_C10_CHECK)/runs.csv \
+		-o results/sensitivity/$(SENS_C10_CHECK)/report.md \
 		--title "dpbench sensitivity check: DP-SGD with $(SENS_C10_WHOSE_$*) recipe, CIFAR-10 scatter_linear"
 	@for e in 1 2 4 8; do $(PY) benchmarks/paired_to_baseline.py results/benchmark/cifar10-scatter_linear/runs.csv \
-		--eps $$e --baseline results/sensitivity/$(@:sensitivity-%=%)/runs.csv && echo; done \
-		> results/sensitivity/$(@:sensitivity-%=%)/paired.md
+		--eps $$e --baseline results/sensitivity/$(SENS_C10_CHECK)/runs.csv && echo; done \
+		> results/sensitivity/$(SENS_C10_CHECK)/paired.md
 .PHONY: $(SENS_C10_TARGETS)
 
 # ModelMix's ScatterNet claim check again at lr 4 (no momentum): the long-run step of the paper's lr 0.4 with

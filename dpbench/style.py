@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Okabe-Ito colours (distinguishable with colour-vision deficiency), brown for the eighth mechanism and grey for
 #: the non-private control.
@@ -40,7 +43,7 @@ def mech_marker(mech: str) -> str:
     return _SPARE_MARKERS[zlib.crc32(mech.encode()) // 7 % len(_SPARE_MARKERS)]
 
 
-def save_png_and_svg(fig: Any, png: str | Path) -> list[Path]:
+def save_png_and_svg(fig: Figure, png: str | Path) -> list[Path]:
     """Write ``fig`` as PNG and SVG beside it; the same figure gives the same bytes on every call.
 
     Matplotlib stamps SVGs with the date and random element ids, so a committed figure redrawn from
